@@ -1,0 +1,64 @@
+"""The `nnunet-kaz` command: one sub-command per user step, each a thin layer over a sub-package.
+
+Each capability registers its sub-commands in its own `commands.py` (a `register(subparsers)` function
+adding parsers whose `func` takes the parsed arguments), so this file only lists those modules.
+Heavy imports (torch, nnU-Net) happen inside the command functions, keeping `--help` fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from nnunet_kaz import __version__
+from nnunet_kaz.errors import KazError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "nnunet_kaz.datasets.commands",
+    "nnunet_kaz.planners.commands",
+    "nnunet_kaz.trainers.commands",
+    "nnunet_kaz.inference.commands",
+    "nnunet_kaz.postprocessing.commands",
+    "nnunet_kaz.evaluation.commands",
+    "nnunet_kaz.explain.commands",
+    "nnunet_kaz.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-kaz",
+        description="nnU-Net v2 extension: XBoundNet++, uncertainty, calibration, evaluation, explanations.",
+    )
+    parser.add_argument("--version", action="version", version=f"nnunet-kaz {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # capability not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KazError as e:
+        print(f"nnunet-kaz {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nnunet-kaz {args.command}: interrupted; finished outputs are kept, partial ones removed",
+              file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
