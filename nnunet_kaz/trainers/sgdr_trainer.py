@@ -1,0 +1,133 @@
+"""Trainers with SGDR warm restarts that keep the top-k checkpoints of each cycle (Rel-UNet, paper 002)."""
+from __future__ import annotations
+
+import os
+from os.path import join
+from pathlib import Path
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_kaz.trainers.sgdr import SGDRScheduler, cycle_of_epoch, sgdr_cycle_ends
+from nnunet_kaz.trainers.snapshots import MANIFEST, Snapshot, SnapshotManifest, snapshot_filename
+from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer
+
+
+class SGDRSnapshotMixin:
+    """Put before an nnUNetTrainer class: SGD as nnU-Net configures it, with an SGDR schedule and snapshots.
+
+    Class attributes:
+    - `sgdr_T0`, `sgdr_eta`: cycle lengths T_i = T0 * eta**i (epochs); `sgdr_lr_min`; lr_max is `initial_lr`.
+    - `sgdr_cycle_ends`: explicit epochs at which cycles end (overrides T0 / eta), e.g. (100, 200, 400, 800).
+    - `snapshot_top_k` (3) and `snapshot_window`: within the last `snapshot_window` epochs of each cycle the
+      `snapshot_top_k` checkpoints with the best EMA pseudo-Dice are kept as
+      `checkpoint_snapshot_c{cycle}_e{epoch}.pth`, listed in `snapshots.json` in the fold folder.
+    - `snapshot_drop_margin`: if set, a cycle whose best pseudo-Dice falls below the previous kept cycle's best
+      by more than this margin is dropped at its end (Rel-UNet dropped one such cycle).
+    """
+
+    sgdr_T0: int = 100
+    sgdr_eta: float = 2.0
+    sgdr_lr_min: float = 1e-5
+    sgdr_cycle_ends: tuple[int, ...] | None = (100, 200, 400, 800)
+    snapshot_top_k: int = 3
+    snapshot_window: int = 10
+    snapshot_drop_margin: float | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 800  # Rel-UNet's run: cycles end at 100, 200, 400, 800
+        self.manifest: SnapshotManifest | None = None
+
+    @property
+    def cycle_ends(self) -> list[int]:
+        return sgdr_cycle_ends(self.num_epochs, self.sgdr_T0, self.sgdr_eta, self.sgdr_cycle_ends)
+
+    def check_sgdr_settings(self) -> None:
+        """Refuse to start on cycles that do not fit num_epochs or a top-k larger than the window."""
+        ends = self.cycle_ends  # raises ValueError when the cycles do not fit
+        shortest = min(b - a for a, b in zip([0] + ends, ends))
+        if not 1 <= self.snapshot_top_k <= self.snapshot_window:
+            raise ValueError(f"snapshot_top_k={self.snapshot_top_k} must lie in 1..snapshot_window="
+                             f"{self.snapshot_window}")
+        if self.snapshot_window > shortest:
+            raise ValueError(f"snapshot_window={self.snapshot_window} is longer than the shortest SGDR cycle "
+                             f"({shortest} epochs, cycles end at {ends})")
+
+    def initialize(self):
+        self.check_sgdr_settings()
+        super().initialize()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, SGDRScheduler(optimizer, self.initial_lr, self.sgdr_lr_min, self.cycle_ends)
+
+    # --- snapshots ---------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.output_folder) / MANIFEST
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank != 0:
+            return
+        fresh = SnapshotManifest(self.__class__.__name__, self.cycle_ends, self.snapshot_top_k,
+                                 self.snapshot_window, self.initial_lr, self.sgdr_lr_min)
+        if self.current_epoch > 0 and self.manifest_path.is_file():
+            # resumed with --c: keep what was kept before the checkpoint we resumed from
+            old = SnapshotManifest.load(self.manifest_path)
+            fresh.snapshots = [s for s in old.snapshots if s.epoch < self.current_epoch]
+            fresh.dropped_cycles = [c for c in old.dropped_cycles if self.cycle_ends[c] <= self.current_epoch]
+        kept = {s.file for s in fresh.snapshots}
+        for stale in Path(self.output_folder).glob("checkpoint_snapshot_c*_e*.pth"):
+            if stale.name not in kept:
+                stale.unlink()
+        self.manifest = fresh
+        fresh.save(self.manifest_path)
+
+    def on_epoch_end(self):
+        if self.local_rank == 0:
+            self._consider_snapshot(self.current_epoch)
+        super().on_epoch_end()
+
+    def _consider_snapshot(self, epoch: int) -> None:
+        ends = self.cycle_ends
+        cycle = cycle_of_epoch(epoch, ends)
+        if epoch >= ends[cycle] - self.snapshot_window:
+            candidate = Snapshot(cycle, epoch, float(self.logger.get_value("ema_fg_dice", step=-1)),
+                                 float(self.optimizer.param_groups[0]["lr"]), snapshot_filename(cycle, epoch))
+            kept, evicted = self.manifest.offer(candidate)
+            if kept:
+                self.save_checkpoint(join(self.output_folder, candidate.file))
+            self._remove(evicted)
+            if epoch == ends[cycle] - 1:
+                self._maybe_drop_cycle(cycle)
+            self.manifest.save(self.manifest_path)
+
+    def _maybe_drop_cycle(self, cycle: int) -> None:
+        if self.snapshot_drop_margin is None:
+            return
+        previous = [c for c in range(cycle) if c not in self.manifest.dropped_cycles]
+        if not previous:
+            return
+        best_prev, best_now = self.manifest.best(previous[-1]), self.manifest.best(cycle)
+        if best_prev is not None and best_now is not None and best_now < best_prev - self.snapshot_drop_margin:
+            self.print_to_log_file(f"SGDR: dropping cycle {cycle} (best pseudo-Dice {best_now:.4f} < "
+                                   f"{best_prev:.4f} - {self.snapshot_drop_margin})")
+            self._remove(self.manifest.drop_cycle(cycle))
+
+    def _remove(self, snapshots: list[Snapshot]) -> None:
+        for s in snapshots:
+            path = join(self.output_folder, s.file)
+            if os.path.isfile(path):
+                os.remove(path)
+
+
+class nnUNetTrainerSGDR(SGDRSnapshotMixin, nnUNetTrainer):
+    """nnU-Net's default network and loss with SGDR warm restarts and snapshot checkpoints."""
+
+
+class XBoundNetTrainerSGDR(SGDRSnapshotMixin, XBoundNetTrainer):
+    """XBoundNet++ (LogDice + CE) with SGDR warm restarts and snapshot checkpoints."""

@@ -1,0 +1,82 @@
+"""Named trainer variants for `nnUNetv2_train -tr NAME`: short schedules for tests and the CPU demo (in the
+style of nnU-Net's `_5epochs` trainers), dropout rates and seeds in the class name.
+
+Every class here is created at import time and exported, so nnU-Net's lookup (a name in the module that
+`nnUNet_extTrainer` points at) finds it, and each lands in its own results folder.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout
+from nnunet_kaz.trainers.seeding import SeededTrainerMixin
+from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
+from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, XBoundNetTrainer_Adam
+
+SEEDS = range(5)
+DROPOUT_RATES = {"p01": 0.1, "p02": 0.2, "p03": 0.3, "p05": 0.5}
+DEBUG = dict(num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2)
+DEMO = dict(num_epochs=20, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
+# SGDR short runs: two cycles each, snapshots from the last epochs of each cycle
+SGDR_DEBUG = dict(num_epochs=6, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
+SGDR_DEBUG_ATTRS = dict(sgdr_cycle_ends=(3, 6), snapshot_window=2, snapshot_top_k=2)
+SGDR_DEMO = dict(num_epochs=24, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
+SGDR_DEMO_ATTRS = dict(sgdr_cycle_ends=(8, 24), snapshot_window=4, snapshot_top_k=3)
+
+_registry: dict[str, type] = {}
+
+
+def variant(base: type, name: str, doc: str, schedule: dict | None = None, mixins: tuple = (),
+            **attrs) -> type:
+    """Subclass `base` (after `mixins`) with class attributes `attrs` and, if given, a schedule
+    (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch) set after nnU-Net's __init__."""
+    namespace = {"__doc__": doc, "__module__": __name__, **attrs}
+    if schedule:
+        # explicit signature: nnUNetTrainer.__init__ records its caller's parameters by name for checkpoints
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")):
+            super(cls, self).__init__(plans, configuration, fold, dataset_json, device)
+            for key, value in schedule.items():
+                setattr(self, key, value)
+
+        namespace["__init__"] = __init__
+    cls = type(name, (*mixins, base), namespace)
+    _registry[name] = cls
+    return cls
+
+
+def _with_seeds(base: type) -> None:
+    for s in SEEDS:
+        variant(base, f"{base.__name__}_seed{s}", f"{base.__name__} with seed {s} (init, augmentation, dropout).",
+                mixins=(SeededTrainerMixin,), seed=s)
+
+
+_short = [
+    variant(nnUNetTrainer, "nnUNetTrainer_debug", "nnU-Net's default trainer for tests: 2 epochs x 3 iterations.",
+            DEBUG),
+    variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
+            DEBUG),
+    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 20 x 20 iterations.",
+            DEMO),
+    variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
+    variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
+            SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_debug", "XBoundNetTrainerSGDR for tests: cycles end at 3, 6.",
+            SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_demo", "XBoundNetTrainerSGDR for the demo: cycles end at "
+            "epochs 8 and 24, top-3 of the last 4 epochs of each.", SGDR_DEMO, **SGDR_DEMO_ATTRS),
+]
+_dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
+                    f"nnU-Net's network with dropout p = {p} after every convolution.", dropout_p=p)
+            for tag, p in DROPOUT_RATES.items()]
+variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
+        "nnUNetTrainerDropout_p02 for tests.", DEBUG)
+
+for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
+              _registry["XBoundNetTrainer_debug"], _registry["XBoundNetTrainer_demo"],
+              _registry["XBoundNetTrainerSGDR_demo"]):
+    _with_seeds(_base)
+
+globals().update(_registry)
+__all__ = sorted(_registry)

@@ -1,0 +1,131 @@
+"""nnU-Net trainers that train XBoundNet++ (paper 000 section 2.1) from the configuration's existing plans."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunet_kaz.trainers.losses import build_logdice_ce_loss
+
+
+XBOUNDNET_CLASS = "nnunet_kaz.networks.XBoundNet"
+# plans keys XBoundNet++ takes from any planned U-Net (PlainConvUNet, ResidualEncoderUNet, or XBoundNet plans);
+# block counts such as n_conv_per_stage / n_blocks_per_stage describe the planned net, not XBoundNet++
+PLANS_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "conv_bias", "norm_op",
+              "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs")
+
+
+def build_xboundnet_from_plans(configuration_manager: ConfigurationManager, num_input_channels: int,
+                               num_output_channels: int, deep_supervision: bool, **network_kwargs) -> nn.Module:
+    """XBoundNet++ with the stages, features, strides and kernels of the configuration's planned U-Net."""
+    plan_kwargs = configuration_manager.network_arch_init_kwargs
+    missing = [k for k in PLANS_KEYS[:5] if k not in plan_kwargs]
+    if missing:
+        raise ValueError(f"plans configuration lacks {missing}; XBoundNet++ needs a U-Net-like plan")
+    kwargs = {k: plan_kwargs[k] for k in PLANS_KEYS if k in plan_kwargs}
+    requires_import = [k for k in configuration_manager.network_arch_init_kwargs_req_import if k in kwargs]
+    kwargs.update(network_kwargs)
+    return get_network_from_plans(XBOUNDNET_CLASS, kwargs, requires_import, num_input_channels,
+                                  num_output_channels, allow_init=True, deep_supervision=deep_supervision)
+
+
+def wrap_deep_supervision(loss: nn.Module, n_outputs: int, is_ddp: bool, compiled: bool) -> nn.Module:
+    """Weight outputs 1, 1/2, 1/4, ... and drop the lowest resolution, exactly as nnUNetTrainer._build_loss."""
+    weights = np.array([1 / (2 ** i) for i in range(n_outputs)])
+    # DDP without compile complains about unused parameters when a weight is exactly 0 (nnU-Net's workaround)
+    weights[-1] = 1e-6 if (is_ddp and not compiled) else 0
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+class XBoundNetTrainer(nnUNetTrainer):
+    """XBoundNet++ with LogDice + CE (alpha = 0.7, paper 000 eq. 1); nnU-Net's SGD + poly schedule otherwise.
+
+    Class attributes (subclass to change, as nnU-Net users do):
+    - `logdice_alpha`: weight of the LogDice term; CE (or BCE for regions) gets 1 - alpha.
+    - `network_kwargs`: extra XBoundNet arguments (e.g. `{"dropout_p": 0.0}` or other ASPP dilations).
+    """
+
+    logdice_alpha: float = 0.7
+    network_kwargs: dict = {}
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        # a classmethod (nnU-Net's is static) so subclasses change the network through class attributes and
+        # inference, which calls this on the trainer class, rebuilds exactly the trained network
+        return build_xboundnet_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                          enable_deep_supervision, **cls.network_kwargs)
+
+    def _build_loss(self) -> nn.Module:
+        loss = build_logdice_ce_loss(self.label_manager.has_regions, self.configuration_manager.batch_dice,
+                                     self.logdice_alpha, self.label_manager.ignore_label, self.is_ddp)
+        if self.enable_deep_supervision:
+            loss = wrap_deep_supervision(loss, len(self._get_deep_supervision_scales()), self.is_ddp,
+                                         self._do_i_compile())
+        return loss
+
+
+class _StopTraining(Exception):
+    """Raised at the start of an epoch once early stopping has triggered."""
+
+
+class XBoundNetTrainer_Adam(XBoundNetTrainer):
+    """The paper's optimisation (paper 000 section 2.1): Adam lr 1e-4, ReduceLROnPlateau on the validation loss
+    (factor 0.1, patience 15), early stopping after `early_stopping_patience` epochs without a better
+    validation loss. Batch size stays nnU-Net's planned one (the paper used 4)."""
+
+    initial_lr_adam: float = 1e-4
+    plateau_factor: float = 0.1
+    plateau_patience: int = 15
+    early_stopping_patience: int = 50
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.initial_lr_adam
+        self._best_val_loss = np.inf
+        self._epochs_without_improvement = 0
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=self.plateau_factor,
+                                                               patience=self.plateau_patience)
+        return optimizer, scheduler
+
+    def on_train_epoch_start(self):
+        # nnU-Net steps its scheduler with the epoch number here; a plateau scheduler is stepped with the
+        # validation loss in on_epoch_end instead, so only the rest of the hook is kept.
+        self.network.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        self.print_to_log_file(f"Current learning rate: {lr:.3g}")
+        self.logger.log("lrs", lr, self.current_epoch)
+
+    def on_epoch_start(self):
+        if self._epochs_without_improvement >= self.early_stopping_patience:
+            raise _StopTraining
+        super().on_epoch_start()
+
+    def on_epoch_end(self):
+        val_loss = float(self.logger.get_value("val_losses", step=-1))
+        self.lr_scheduler.step(val_loss)
+        if val_loss < self._best_val_loss:
+            self._best_val_loss, self._epochs_without_improvement = val_loss, 0
+        else:
+            self._epochs_without_improvement += 1
+        super().on_epoch_end()
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except _StopTraining:
+            self.print_to_log_file(f"Early stopping: no better validation loss for "
+                                   f"{self.early_stopping_patience} epochs")
+            self.on_train_end()
+
