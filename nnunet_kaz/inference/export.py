@@ -1,0 +1,90 @@
+"""From the preprocessed space back to the input image's geometry, and writing maps next to segmentations.
+
+Maps are resampled with the configuration's probability resampling (nnU-Net's `resampling_fn_probabilities`),
+put back into the cropped-away border and transposed back, exactly as nnU-Net exports probabilities. Resampled
+probabilities are clipped to [0, 1] (cubic resampling can overshoot) and softmax ones renormalised to sum 1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from PIL import Image
+
+from nnunet_kaz.io_utils import atomic_path
+
+
+class GeometryRestorer:
+    """Undo nnU-Net's preprocessing geometry (resampling, cropping, transpose) for one case."""
+
+    def __init__(self, plans_manager, configuration_manager, properties: dict):
+        self.pm, self.cm, self.props = plans_manager, configuration_manager, properties
+
+    def _resample(self, array: np.ndarray) -> np.ndarray:
+        props = self.props
+        spacing_t = [props["spacing"][i] for i in self.pm.transpose_forward]
+        shape = props["shape_after_cropping_and_before_resampling"]
+        current = self.cm.spacing if len(self.cm.spacing) == len(shape) else [spacing_t[0], *self.cm.spacing]
+        out = self.cm.resampling_fn_probabilities(array, shape, current, spacing_t)
+        return np.asarray(out, dtype=np.float32)
+
+    def maps(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """(K, *preprocessed) -> (K, *original), outside the crop `fill`."""
+        res = self._resample(array.astype(np.float32))
+        full = np.full((res.shape[0], *self.props["shape_before_cropping"]), fill, dtype=np.float32)
+        full = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
+        return np.ascontiguousarray(full.transpose([0] + [i + 1 for i in self.pm.transpose_backward]))
+
+    def probabilities(self, probs: np.ndarray, regions: bool) -> np.ndarray:
+        """Mean probabilities in the original geometry; background 1 outside the crop (nnU-Net's convention)."""
+        res = np.clip(self._resample(probs.astype(np.float32)), 0.0, 1.0)
+        if not regions:
+            res /= np.clip(res.sum(0, keepdims=True), 1e-8, None)
+        full = np.zeros((res.shape[0], *self.props["shape_before_cropping"]), dtype=np.float32)
+        if not regions:
+            full[0] = 1.0
+        full = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
+        return np.ascontiguousarray(full.transpose([0] + [i + 1 for i in self.pm.transpose_backward]))
+
+    @property
+    def voxel_volume_ratio(self) -> float:
+        """Volume of a preprocessed voxel in voxels of the input image (to report sample volumes in input voxels)."""
+        shape = self.props["shape_after_cropping_and_before_resampling"]
+        spacing_t = [self.props["spacing"][i] for i in self.pm.transpose_forward]
+        current = self.cm.spacing if len(self.cm.spacing) == len(shape) else [spacing_t[0], *self.cm.spacing]
+        return float(np.prod(current) / np.prod(spacing_t))
+
+
+def write_map(array: np.ndarray, path: Path, properties: dict, scale: float = 1.0) -> None:
+    """Write one float map (in nnU-Net's original layout: (z, y, x), or (1, y, x) for 2D) next to the image.
+
+    NIfTI/NRRD/MHA inputs (read by SimpleITK) give float32 images with the input's spacing, origin and
+    direction. PNG/BMP/TIF inputs give 8-bit images holding round(255 * scale * value), clipped to 0..255.
+    """
+    with atomic_path(path) as tmp:
+        if "sitk_stuff" in properties:
+            stuff = properties["sitk_stuff"]
+            arr = array[0] if len(stuff["spacing"]) == 2 else array
+            img = sitk.GetImageFromArray(arr.astype(np.float32))
+            img.SetSpacing(stuff["spacing"])
+            img.SetOrigin(stuff["origin"])
+            img.SetDirection(stuff["direction"])
+            if "original_orientation" in stuff:
+                img = sitk.DICOMOrient(img, stuff["original_orientation"])
+            sitk.WriteImage(img, str(tmp), True)
+        else:
+            arr = array[0] if array.ndim == 3 and array.shape[0] == 1 else array
+            Image.fromarray(np.clip(np.rint(arr * 255.0 * scale), 0, 255).astype(np.uint8)).save(tmp)
+
+
+def write_segmentation(rw, seg: np.ndarray, path: Path, properties: dict) -> None:
+    """nnU-Net's writer for the dataset's file format, through a temporary name."""
+    with atomic_path(path) as tmp:
+        rw.write_seg(seg, str(tmp), properties)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)

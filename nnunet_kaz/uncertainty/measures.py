@@ -1,0 +1,109 @@
+"""Voxel-wise uncertainty maps and per-image uncertainty scores.
+
+Conventions (written here because every output uses them):
+- `probs` is shaped (C, *spatial): softmax class probabilities (they sum to 1 over C) or, for nnU-Net region
+  training, independent sigmoid region probabilities.
+- Normalized entropy lies in [0, 1]. Two classes or a region: the binary entropy of paper 000 eq. 2,
+  H = -[p log p + (1 - p) log(1 - p)] / log 2. Softmax with C > 2 classes: paper 002 eq. 4's class entropy in
+  log2 divided by log2(C). Regions: the mean of the regions' binary entropies. 0 log 0 = 0.
+- Mutual information = entropy of the mean minus the mean of the sample entropies (same normalization), >= 0.
+- Variance is the per-class variance of the samples' probabilities (population variance, divided by N).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+
+def _xlogx(p):
+    """p * ln p with 0 ln 0 = 0, for numpy arrays or torch tensors (the streaming path runs on the device)."""
+    if isinstance(p, torch.Tensor):
+        return torch.xlogy(p, p)
+    p = np.asarray(p, dtype=np.float64)
+    return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+
+
+def binary_entropy(p):
+    """Normalized binary entropy in [0, 1] (paper 000 eq. 2 divided by log 2): p = 0.5 gives 1."""
+    return -(_xlogx(p) + _xlogx(1.0 - p)) / np.log(2.0)
+
+
+def normalized_entropy(probs, regions: bool = False):
+    """Normalized entropy map of (C, *spatial) probabilities, in [0, 1] (see module docstring).
+
+    Works on numpy arrays and torch tensors (the class axis is the first)."""
+    return _normalized_entropy_along(probs, 0, regions)
+
+
+def _normalized_entropy_along(probs, axis: int, regions: bool):
+    n = probs.shape[axis]
+    if regions:
+        return binary_entropy(probs).mean(axis)
+    if n == 2:
+        foreground = probs.select(axis, 1) if isinstance(probs, torch.Tensor) else np.take(probs, 1, axis)
+        return binary_entropy(foreground)
+    return -_xlogx(probs).sum(axis) / np.log(n)
+
+
+def batch_normalized_entropy(probs: torch.Tensor, regions: bool = False) -> torch.Tensor:
+    """`normalized_entropy` of every sample of a (B, C, *spatial) batch: (B, *spatial)."""
+    return _normalized_entropy_along(probs, 1, regions)
+
+
+def class_entropy_bits(probs: np.ndarray) -> np.ndarray:
+    """Class entropy in bits, -sum_k p_k log2 p_k (paper 002 eq. 4), not normalized."""
+    return -_xlogx(probs).sum(0) / np.log(2.0)
+
+
+def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.ndarray | None = None) -> float:
+    """Rel-UNet's per-image uncertainty score (paper 002 eq. 5-9) for one class.
+
+    I = (mean probability of the class >= 0.5) (eq. 5), H_total = sum of `entropy_map` over the image (eq. 6),
+    I* = I dilated by the structuring element A (eq. 7; default: face connectivity, radius 1),
+    contour = I* - I (eq. 8, the ring of voxels the dilation adds), score = H_total / |contour| (eq. 9).
+    `entropy_map` is the class-specific binary entropy in bits. An empty mask has no contour: NaN.
+    """
+    mask = p_class >= 0.5
+    if structure is None:
+        structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    contour = ndimage.binary_dilation(mask, structure) & ~mask
+    n = int(contour.sum())
+    return float(entropy_map.sum() / n) if n else float("nan")
+
+
+def coefficient_of_variation(volumes: np.ndarray) -> float:
+    """Paper 004's CV of the samples' binarised volumes: Var_i(V_i) / (E_i[V_i] + 1).
+
+    V_i = number of voxels with p_i >= 0.5 in sample i (in voxels of the input image); Var is the population
+    variance. (Paper 004 calls it the coefficient of variation although it divides a variance by the mean.)
+    """
+    v = np.asarray(volumes, dtype=np.float64)
+    return float(v.var() / (v.mean() + 1.0))
+
+
+def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
+    """Mean pairwise Dice of the binarised samples (paper 004's D_pw), pooled over all pairs so it streams:
+
+        D_pw = 2 * sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
+             = 2 * sum_x C(k_x, 2) / ((N - 1) * sum_i |S_i|),
+
+    with k_x the number of samples whose mask holds voxel x (`count_map`) and N the number of samples. It
+    equals the plain mean of the pairwise Dice scores when all samples have the same volume. Fewer than two
+    samples: NaN. All samples empty: 1 (they agree).
+    """
+    v = np.asarray(volumes, dtype=np.float64)
+    n = v.size
+    if n < 2:
+        return float("nan")
+    if v.sum() == 0:
+        return 1.0
+    k = count_map.astype(np.float64)
+    return float(2.0 * (k * (k - 1) / 2).sum() / ((n - 1) * v.sum()))
+
+
+def labelled_uncertainty(mean_p_class: np.ndarray, mean_sample_u: np.ndarray) -> float:
+    """Paper 004's U_labelled: the mean of U(x) = -(1/N) sum_i p_i(x) ln p_i(x) over the voxels whose mean
+    probability is >= 0.5. An empty prediction has no labelled voxels: NaN."""
+    mask = mean_p_class >= 0.5
+    return float(mean_sample_u[mask].mean()) if mask.any() else float("nan")
