@@ -42,7 +42,8 @@ class Demo:
         from nnunet_kaz.paths import trainer_dir
 
         env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
-                   nnUNet_results=str(self.res), nnUNet_extTrainer=str(trainer_dir()), nnUNet_compile="f")
+                   nnUNet_results=str(self.res), nnUNet_extTrainer=str(trainer_dir()), nnUNet_compile="f",
+                   nnUNet_def_n_proc="1")
         env.setdefault("nnUNet_n_proc_DA", "1")
         return env
 

@@ -23,6 +23,7 @@ def nnunet_env(root: Path) -> dict[str, str]:
     env["nnUNet_extTrainer"] = str(trainer_dir())
     env["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation: 2-core CI machines
     env["nnUNet_compile"] = "f"
+    env["nnUNet_def_n_proc"] = "1"  # nnU-Net's export pools spawn this many workers: slow to start on CPU
     env["OMP_NUM_THREADS"] = "2"
     return env
 
@@ -54,6 +55,36 @@ def shrink_plans(preprocessed: Path, dataset: str, source: str, target: str, max
     (preprocessed / dataset / f"{target}.json").write_text(json.dumps(plans, indent=2))
 
 
+KAZ_ID, KAZ = 990, "Dataset990_KazTiny"
+
+
+class TinyKaz:
+    """A tiny 2D KAZ phantom, planned and preprocessed once per test session, with trained models cached."""
+
+    def __init__(self, root: Path):
+        from nnunet_kaz.datasets import make_kaz2d_dataset
+
+        self.root, self.env = root, nnunet_env(root)
+        self.raw = root / "nnUNet_raw" / KAZ
+        make_kaz2d_dataset(self.raw, n_patients=4, seed=0, image_size=(32, 32), slices_per_patient=3,
+                           n_test_patients=1)
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 here
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(KAZ_ID), "-c", "2d", "-np", "1",
+             "--verify_dataset_integrity"], dict(self.env, nnUNet_n_proc_DA="1"))
+        shrink_plans(root / "nnUNet_preprocessed", KAZ, "nnUNetPlans", "nnUNetTinyPlans")
+
+    def results(self, trainer: str) -> Path:
+        return self.root / "nnUNet_results" / KAZ / f"{trainer}__nnUNetTinyPlans__2d"
+
+    def train(self, trainer: str, fold: int = 0) -> Path:
+        """Train once per session (real nnUNetv2_train on the CPU) and return the results folder."""
+        folder = self.results(trainer)
+        if not (folder / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+            run(["nnUNetv2_train", str(KAZ_ID), "2d", str(fold), "-tr", trainer, "-p", "nnUNetTinyPlans",
+                 "-device", "cpu"], self.env)
+        return folder
+
+
 @pytest.fixture(scope="session")
-def bin_dir() -> Path:
-    return BIN
+def tiny_kaz(tmp_path_factory) -> TinyKaz:
+    return TinyKaz(tmp_path_factory.mktemp("kaz"))

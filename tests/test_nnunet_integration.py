@@ -11,28 +11,18 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from nnunet_kaz.datasets import make_kaz2d_dataset, make_kits3d_dataset
-from tests.conftest import nnunet_env, run, shrink_plans
+from nnunet_kaz.datasets import make_kits3d_dataset
+from tests.conftest import KAZ, KAZ_ID, nnunet_env, run, shrink_plans
 
 pytestmark = pytest.mark.integration
 
-KAZ_ID, KAZ = 990, "Dataset990_KazTiny"
 KITS_ID, KITS = 991, "Dataset991_KitsTiny"
 
 
 @pytest.fixture(scope="module")
-def kaz_trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kaz")
-    env = nnunet_env(root)
-    make_kaz2d_dataset(root / "nnUNet_raw" / KAZ, n_patients=4, seed=0, image_size=(32, 32),
-                       slices_per_patient=3, n_test_patients=1)
-    plan_env = dict(env, nnUNet_n_proc_DA="1")  # planning calls torch.set_num_threads(n_proc_DA)
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(KAZ_ID), "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
-        plan_env)
-    shrink_plans(root / "nnUNet_preprocessed", KAZ, "nnUNetPlans", "nnUNetTinyPlans")
-    run(["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", "XBoundNetTrainer_debug", "-p", "nnUNetTinyPlans",
-         "-device", "cpu"], env)
-    return root, env
+def kaz_trained(tiny_kaz):
+    tiny_kaz.train("XBoundNetTrainer_debug")
+    return tiny_kaz.root, tiny_kaz.env
 
 
 def test_training_writes_xboundnet_checkpoint(kaz_trained):

@@ -1,0 +1,131 @@
+"""The streaming predictor on real nnU-Net models trained by `nnUNetv2_train` on a tiny phantom."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nnunet_kaz.errors import KazError
+from nnunet_kaz.inference import UncertaintyPredictor, parse_member
+from tests.conftest import KAZ_ID, run
+
+pytestmark = pytest.mark.integration
+
+DROPOUT = "nnUNetTrainerDropout_p02_debug"
+PLAIN = "nnUNetTrainer_debug"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_kaz):
+    return {name: tiny_kaz.train(name) for name in (DROPOUT, PLAIN)}
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_one_member_equals_stock_nnunet_predict(tiny_kaz, models, tmp_path, mirror):
+    images = tiny_kaz.raw / "imagesTs"
+    stock = tmp_path / "stock"
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(stock), "-d", str(KAZ_ID), "-c", "2d", "-f", "0",
+         "-tr", DROPOUT, "-p", "nnUNetTinyPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
+         "--save_probabilities", *([] if mirror else ["--disable_tta"])], tiny_kaz.env)
+    ours = tmp_path / "ours"
+    run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(ours), "-m", f"{models[DROPOUT]}:0",
+         "-device", "cpu", *(["--mirror"] if mirror else [])], tiny_kaz.env)
+    npz = sorted(stock.glob("*.npz"))
+    assert len(npz) == 3
+    for f in npz:
+        a = np.load(f)["probabilities"]
+        b = np.load(ours / f.name)["probabilities"]
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-4
+        seg_stock = (stock / f.name.replace(".npz", ".png")).read_bytes()
+        assert (ours / f.name.replace(".npz", ".png")).is_file() and seg_stock
+
+
+def test_mc_dropout_samples_disagree_and_identical_members_do_not(tiny_kaz, models, tmp_path):
+    images = tiny_kaz.raw / "imagesTs"
+    # the same checkpoint twice, no dropout: every sample is identical
+    twice = UncertaintyPredictor([parse_member(f"{models[PLAIN]}:0"), parse_member(f"{models[PLAIN]}:0")],
+                                 device="cpu", verbose=False)
+    scores = twice.predict_folder(images, tmp_path / "twice")
+    unc = np.load(tmp_path / "twice" / f"{scores.case[0]}_uncertainty.npz")
+    assert np.abs(unc["mutual_information"]).max() < 1e-5
+    assert np.abs(unc["variance"]).max() < 1e-7
+    assert (scores.n_members == 2).all() and (scores.n_samples == 2).all()
+
+    mc = UncertaintyPredictor([parse_member(f"{models[DROPOUT]}:0")], mc=6, mc_batch=4, device="cpu",
+                              verbose=False)
+    scores = mc.predict_folder(images, tmp_path / "mc")
+    unc = np.load(tmp_path / "mc" / f"{scores.case[0]}_uncertainty.npz")
+    assert unc["variance"].max() > 1e-6 and unc["mutual_information"].max() > 1e-4
+    assert (scores.n_samples == 6).all()
+    assert list(pd.read_csv(tmp_path / "mc" / "scores.csv").columns) == [
+        "case", "label", "mean_entropy", "relunet_score", "cv", "pairwise_dice", "labelled_uncertainty",
+        "n_members", "n_samples"]
+    # reproducible: the same seed gives the same MC outputs (what lets an interrupted run resume exactly)
+    again = UncertaintyPredictor([parse_member(f"{models[DROPOUT]}:0")], mc=6, mc_batch=4, device="cpu",
+                                 verbose=False)
+    stem = tmp_path / "again" / scores.case[0]
+    image_files = [str(tiny_kaz.raw / "imagesTs" / f"{scores.case[0]}_0000.png")]
+    stem.parent.mkdir()
+    result = again.predict_case(image_files, stem)
+    first = np.load(tmp_path / "mc" / f"{scores.case[0]}.npz")["probabilities"]
+    np.testing.assert_array_equal(result["probabilities"], first)
+    other_seed = UncertaintyPredictor([parse_member(f"{models[DROPOUT]}:0")], mc=6, mc_batch=4, device="cpu",
+                                      seed=1, verbose=False)
+    assert not np.array_equal(other_seed.predict_case(image_files, stem)["probabilities"], first)
+
+
+def test_rerun_skips_finished_cases_and_overwrite_redoes_them(tiny_kaz, models, tmp_path):
+    images = tiny_kaz.raw / "imagesTs"
+    out = tmp_path / "out"
+    member = f"{models[PLAIN]}:0"
+    run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(out), "-m", member, "-device", "cpu",
+         "--num-parts", "2", "--part-id", "0"], tiny_kaz.env)
+    first_part = sorted(out.glob("KAZ_*_scores.json"))
+    assert len(first_part) == 2  # cases 0 and 2 of 3
+    proc = run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(out), "-m", member, "-device", "cpu"],
+               tiny_kaz.env)
+    assert "2 case(s) already predicted" in proc.stdout
+    assert len(pd.read_csv(out / "scores.csv")) == 3
+    assert not list(out.glob(".*part*"))  # no temporary files left
+
+
+def test_bad_members_give_clear_errors(tiny_kaz, models, tmp_path):
+    with pytest.raises(KazError, match="missing checkpoint"):
+        parse_member(f"{models[PLAIN]}:0:best,checkpoint_nope.pth")
+    with pytest.raises(KazError, match="fold folder"):
+        parse_member(f"{models[PLAIN]}:7")
+    with pytest.raises(KazError, match="no dropout"):
+        UncertaintyPredictor([parse_member(f"{models[PLAIN]}:0")], mc=3, device="cpu")
+    # a member trained on another label set
+    other = tmp_path / "other"
+    shutil.copytree(models[PLAIN], other / models[PLAIN].name)
+    dj = json.loads((other / models[PLAIN].name / "dataset.json").read_text())
+    dj["labels"]["cyst"] = 2
+    (other / models[PLAIN].name / "dataset.json").write_text(json.dumps(dj))
+    with pytest.raises(KazError, match="labels"):
+        UncertaintyPredictor([parse_member(f"{models[PLAIN]}:0"), parse_member(f"{other / models[PLAIN].name}:0")],
+                             device="cpu")
+    # a truncated checkpoint
+    broken = tmp_path / "broken" / models[PLAIN].name
+    shutil.copytree(models[PLAIN], broken)
+    ckpt = broken / "fold_0" / "checkpoint_final.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    proc = run(["nnunet-kaz", "predict", "-i", str(tiny_kaz.raw / "imagesTs"), "-o", str(tmp_path / "o"), "-m",
+                f"{broken}:0", "-device", "cpu"], tiny_kaz.env, check=False)
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and str(ckpt) in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_image_is_named_and_nothing_half_written(tiny_kaz, models, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "BAD_0000.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    proc = run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(out), "-m", f"{models[PLAIN]}:0",
+                "-device", "cpu"], tiny_kaz.env, check=False)
+    assert proc.returncode == 2 and "BAD_0000.png" in proc.stderr
+    assert not list(out.glob("BAD*"))
