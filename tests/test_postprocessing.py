@@ -1,0 +1,219 @@
+"""Post-processing chain: threshold / argmax, spacing-aware closing, largest component with the cyst rule
+(2D and anisotropic 3D, hand-built masks), JSON round trip, KAZ BMP export, bad inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.morphology import ball
+
+from nnunet_kaz.errors import KazError
+from nnunet_kaz.postprocessing import (CHAIN_FILENAME, Argmax, Closing, LargestComponent, PostprocessingChain,
+                                       Resize, Threshold, close_labels, ellipsoid_element, hu_to_image_units,
+                                       keep_largest_components, write_kaz_bmp)
+from nnunet_kaz.postprocessing.morphology import binary_closing_padded
+
+
+def binary_probs(fg: np.ndarray) -> np.ndarray:
+    fg = fg.astype(np.float32)
+    return np.stack([1 - fg, fg])
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+def test_threshold_default_is_0_4_and_differs_from_argmax():
+    p = binary_probs(np.array([[0.35, 0.45, 0.8]]))
+    assert PostprocessingChain([Threshold()]).apply(p).segmentation.tolist() == [[0, 1, 1]]
+    assert PostprocessingChain([Argmax()]).apply(p).segmentation.tolist() == [[0, 0, 1]]
+    multi = np.array([[0.55, 0.7, 0.2], [0.25, 0.1, 0.3], [0.2, 0.2, 0.5]], np.float32)[:, None]  # (3, 1, 3)
+    assert PostprocessingChain([Threshold(0.4)]).apply(multi).segmentation.tolist() == [[1, 0, 2]]
+    assert PostprocessingChain([Argmax()]).apply(multi).segmentation.tolist() == [[0, 0, 2]]
+
+
+# ----------------------------------------------------------------------------------------------------- closing
+def test_ellipsoid_element_is_a_ball_in_millimetres():
+    el = ellipsoid_element(1.5, (3.0, 0.7, 0.7))
+    assert el.shape == (1, 5, 5)  # 1.5 mm reaches 2 pixels in-plane, no neighbouring slice
+    el2 = ellipsoid_element(3.0, (3.0, 1.0, 1.0))
+    assert el2.shape == (3, 7, 7) and el2[0].sum() == 1 and el2[1, 3].sum() == 7
+
+
+def test_closing_is_spacing_aware_in_anisotropic_3d():
+    spacing = (3.0, 0.7, 0.7)
+    seg = np.zeros((7, 20, 20), np.uint8)
+    seg[1:3, 5:15, 3:9] = 1
+    seg[1:3, 5:15, 10:16] = 1  # 1-pixel (0.7 mm) gap in-plane
+    seg[4:6, 5:15, 3:16] = 1   # one empty slice (3 mm) between the slabs
+    seg[1, 9, 5] = 0           # a hole, closed as well
+    out = close_labels(seg, spacing, radius_mm=1.5)
+    assert out[1:3, 6:14, 9].all()        # in-plane gap bridged (but for its two ends)
+    assert not out[3].any()               # the slab gap across slices is not
+    assert out[1, 9, 5] == 1
+    assert (out >= seg).all()
+    # skimage's ball is isotropic in voxels: a radius reaching 1.5 mm in-plane (2 voxels) bridges the slices
+    iso = binary_closing_padded(seg > 0, ball(2))
+    assert iso[3].any()
+    # foreground touching the array border is not eroded (padding)
+    edge = np.zeros((1, 6, 6), np.uint8)
+    edge[0, :, :2] = 1
+    assert (close_labels(edge, (999, 1, 1), 2.0) == edge).all()
+
+
+def test_hole_filling_in_2d_slices_and_labels_never_overwritten():
+    seg = np.zeros((1, 12, 12), np.uint8)
+    seg[0, 2:10, 2:10] = 1
+    seg[0, 4:8, 4:8] = 0       # big hole: not closed by r = 1, filled by hole filling
+    seg[0, 5, 5] = 2           # another label inside the hole stays
+    closed = close_labels(seg, (999.0, 1.0, 1.0), 1.0, fill_holes=False)
+    assert closed[0, 5, 6] == 0
+    filled = close_labels(seg, (999.0, 1.0, 1.0), 1.0, fill_holes=True)
+    assert filled[0, 4:8, 4:8].all() and filled[0, 5, 6] == 1 and filled[0, 5, 5] == 2
+
+
+# ------------------------------------------------------------------------------------------ largest component
+def blob_image(shape, rng):
+    return rng.normal(0, 1, shape)
+
+
+def test_largest_component_2d_and_the_intensity_cyst_rule():
+    rng = np.random.default_rng(0)
+    seg = np.zeros((1, 40, 40), np.uint8)
+    seg[0, 2:14, 2:14] = 1     # 144 px: a cyst, homogeneous water
+    seg[0, 20:30, 20:30] = 1   # 100 px: the ablation zone, heterogeneous
+    seg[0, 35:38, 2:5] = 1     # 9 px
+    img = np.full(seg.shape, -100.0) + rng.normal(0, 4, seg.shape)
+    img[0, 2:14, 2:14] = 8 + rng.normal(0, 4, (12, 12))
+    img[0, 20:30, 20:30] = 15 + rng.normal(0, 25, (10, 10))
+    plain, rep = keep_largest_components(seg)
+    assert plain.sum() == 144 and rep[1]["sizes"] == [144, 100, 9]
+    out, rep = keep_largest_components(seg, cyst_rule="intensity", image=img)
+    assert rep[1]["largest_is_cyst"] and rep[1]["kept"] == 1
+    assert out[0, 20:30, 20:30].all() and out.sum() == 100
+    # the same scene as a windowed 8-bit image: the window and limit must be given in gray levels
+    img8 = np.clip(np.rint(hu_to_image_units(img)), 0, 255)
+    hu_limits = keep_largest_components(seg, cyst_rule="intensity", image=img8)[1]
+    assert not hu_limits[1]["largest_is_cyst"]  # HU window on gray levels: the cyst is missed
+    window8 = [hu_to_image_units(-10.0), hu_to_image_units(20.0)]
+    out8, _ = keep_largest_components(seg, cyst_rule="intensity", image=img8, fluid_window=window8,
+                                      max_std=hu_to_image_units(10.0, std=True))
+    assert (out8 == out).all()
+    # a non-fluid largest component is kept; a lone cyst is removed
+    img2 = img.copy()
+    img2[0, 2:14, 2:14] = 60 + rng.normal(0, 4, (12, 12))
+    assert keep_largest_components(seg, cyst_rule="intensity", image=img2)[0].sum() == 144
+    lone = np.zeros_like(seg)
+    lone[0, 2:14, 2:14] = 1
+    out_lone, rep = keep_largest_components(lone, cyst_rule="intensity", image=img)
+    assert out_lone.sum() == 0 and rep[1]["kept"] is None
+
+
+def test_connectivity_option():
+    seg = np.zeros((5, 5), np.uint8)
+    seg[0:2, 0:2] = 1
+    seg[2, 2] = 1              # touches the square diagonally
+    seg[3:5, 3:5] = 1
+    seg[4, 0] = 1
+    assert keep_largest_components(seg)[0].sum() == 9                    # full connectivity: one 9-pixel piece
+    assert keep_largest_components(seg, connectivity=1)[0].sum() == 4    # faces only: a 4-pixel square
+
+
+def test_largest_component_3d_anisotropic_with_cyst_label_rule():
+    tumour, cyst = 2, 3
+    seg = np.zeros((6, 30, 30), np.uint8)
+    seg[0:4, 1:12, 1:12] = cyst    # 484 voxels of cyst ...
+    seg[0:4, 12:13, 1:6] = tumour  # ... with a 20-voxel tumour fringe: largest component, mostly cyst
+    seg[1:4, 18:25, 18:25] = tumour  # 147 voxels: the tumour
+    seg[5, 27:29, 27:29] = tumour    # 4 voxels
+    seg[5, 0:2, 25:27] = 1           # kidney, one component
+    out, rep = keep_largest_components(seg, cyst_rule="label", cyst_label=cyst)
+    assert rep[tumour]["sizes"] == [504, 147, 4] and rep[tumour]["largest_is_cyst"] and rep[tumour]["kept"] == 1
+    assert (out == tumour).sum() == 147 and out[1:4, 18:25, 18:25].all()
+    assert (out == cyst).sum() == 484          # cysts are never removed
+    assert (out == 1).sum() == 4 and cyst not in rep
+    # without the rule the fringe attached to the cyst would not matter: plain per-label largest component
+    plain, _ = keep_largest_components(seg)
+    assert (plain == tumour).sum() == 147 and (plain == cyst).sum() == 484
+    # binary 3D with the intensity rule, anisotropic spacing after closing (chain)
+    rng = np.random.default_rng(1)
+    fg = np.zeros((6, 30, 30), np.float32)
+    fg[0:5, 2:16, 2:16] = 0.9          # large fluid cyst
+    fg[1:4, 18:27, 18:27] = 0.9        # zone, split by a 1-pixel in-plane gap
+    fg[1:4, 18:27, 22] = 0.0
+    img = rng.normal(-80, 5, fg.shape)
+    img[0:5, 2:16, 2:16] = 5 + rng.normal(0, 3, (5, 14, 14))
+    img[1:4, 18:27, 18:27] = 30 + rng.normal(0, 30, (3, 9, 9))
+    chain = PostprocessingChain([Threshold(), Closing(1.0, True), LargestComponent(cyst_rule="intensity")])
+    res = chain.apply(binary_probs(fg), image=img, spacing=(4.0, 0.8, 0.8))
+    assert res.segmentation[1:4, 19:26, 18:27].all()     # gap closed, then kept in place of the cyst
+    assert not res.segmentation[:, 2:16, 2:16].any() and res.segmentation.sum() >= 3 * 79
+    assert res.report[-1]["labels"][1]["largest_is_cyst"]
+
+
+# ----------------------------------------------------------------------------------------------- chain / JSON
+def test_chain_json_round_trip_gives_identical_outputs(tmp_path):
+    rng = np.random.default_rng(2)
+    fg = np.clip(np.pad(np.ones((10, 12)), 4) * 0.8 + rng.normal(0, 0.15, (18, 20)), 0, 1)[None]
+    image = rng.normal(0, 30, fg.shape)
+    chain = PostprocessingChain.paper000(size=(51, 79), radius_mm=1.5, cyst_rule="intensity",
+                                         fluid_window=[-5.0, 25.0], max_std=12.0)
+    written = chain.save(tmp_path)
+    assert written == tmp_path / CHAIN_FILENAME
+    d = json.loads(written.read_text())
+    assert [s["step"] for s in d["steps"]] == ["resize", "threshold", "closing", "largest_component"]
+    assert d["steps"][1]["value"] == 0.4 and d["steps"][3]["fluid_window"] == [-5.0, 25.0]
+    back = PostprocessingChain.load(tmp_path)
+    assert back == chain and back.to_dict() == chain.to_dict()
+    a = chain.apply(binary_probs(fg[0])[:, None], image=image, spacing=(999.0, 1.0, 1.0))
+    b = back.apply(binary_probs(fg[0])[:, None], image=image, spacing=(999.0, 1.0, 1.0))
+    np.testing.assert_array_equal(a.segmentation, b.segmentation)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    assert a.segmentation.shape == (1, 51, 79) and a.spacing[1:] == pytest.approx((18 / 51, 20 / 79))
+    assert a.segmentation.any()
+
+
+def test_kaz_export_resizes_probabilities_before_thresholding_and_writes_8bit_bmp(tmp_path):
+    yy, xx = np.mgrid[0:64, 0:64]
+    fg = np.clip(1.2 - np.hypot(yy - 30, xx - 34) / 15, 0, 1)  # smooth cone
+    probs = binary_probs(fg)[:, None]  # (2, 1, 64, 64) as nnU-Net stores 2D cases
+    res = PostprocessingChain.paper000(size=(510, 788), radius_mm=0.0).apply(probs)
+    assert res.segmentation.shape == (1, 510, 788)
+    # resizing the probabilities and then thresholding gives a smooth outline, not upsampled blocky pixels
+    mask_first = np.kron((fg >= 0.4).astype(np.uint8), np.ones((8, 13), np.uint8))[:510, :788]
+    assert (res.segmentation[0] != mask_first).sum() > 0
+    write_kaz_bmp(res.segmentation, tmp_path / "KAZ_P001_a000.bmp")
+    with Image.open(tmp_path / "KAZ_P001_a000.bmp") as im:
+        assert im.format == "BMP" and im.mode == "L" and im.size == (788, 510)
+        arr = np.asarray(im)
+    assert set(np.unique(arr).tolist()) == {0, 255}
+    assert ((arr == 255) == (res.segmentation[0] > 0)).all()
+
+
+def test_bad_chains_and_inputs_raise_clear_errors_and_write_nothing(tmp_path):
+    with pytest.raises(KazError, match="exactly one"):
+        PostprocessingChain([Closing()])
+    with pytest.raises(KazError, match="out of order"):
+        PostprocessingChain([Threshold(), Resize([4, 4])])
+    with pytest.raises(KazError, match="cyst_label"):
+        LargestComponent(cyst_rule="label")
+    with pytest.raises(KazError, match="threshold"):
+        Threshold(1.5)
+    p = binary_probs(np.zeros((1, 8, 8)))
+    chain = PostprocessingChain([Threshold(), LargestComponent(cyst_rule="intensity")])
+    with pytest.raises(KazError, match="needs the input image"):
+        chain.apply(p)
+    with pytest.raises(KazError, match="shape"):
+        chain.apply(p, image=np.zeros((1, 8, 9)))
+    nan = p.copy()
+    nan[1, 0, 0, 0] = np.nan
+    with pytest.raises(KazError, match="NaN"):
+        chain.apply(nan, image=np.zeros((1, 8, 8)))
+    with pytest.raises(KazError, match=r"\[0, 1\]"):
+        chain.apply(p * 3 - 1, image=np.zeros((1, 8, 8)))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "nnunet_kaz.postprocessing",
+                                                   "steps": [{"step": "dilate"}]}))
+    with pytest.raises(KazError, match="unknown step 'dilate'"):
+        PostprocessingChain.load(tmp_path / "bad.json")
+    with pytest.raises(KazError, match="2D"):
+        write_kaz_bmp(np.zeros((2, 4, 4)), tmp_path / "x.bmp")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["bad.json"]
