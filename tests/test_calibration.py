@@ -110,6 +110,18 @@ def test_pool_is_a_seeded_stratified_uniform_sample_with_importance_weights():
     assert ign.n_seen.tolist() == [0, 0]
 
 
+def test_pool_streams_large_cases_in_chunks_without_bias(monkeypatch):
+    from nnunet_kaz.postprocessing import pooling
+    monkeypatch.setattr(pooling, "CHUNK", 97)
+    # one case whose voxel values encode their position: the sample must be spread evenly over the chunks
+    pos = np.linspace(0, 1, 5000, dtype=np.float32).reshape(50, 100)
+    probs = np.stack([pos, 1 - pos])
+    means = [pool_cases([(probs, np.zeros((50, 100), int), None)], 300, s).sample()[0][:, 0].mean() for s in range(6)]
+    assert np.mean(means) == pytest.approx(0.5, abs=0.03)
+    pool = pool_cases([(probs, np.zeros((50, 100), int), None)], 300, 0)
+    assert pool.n_seen.tolist() == [5000, 0] and pool.n_kept.tolist() == [300, 0]
+
+
 def test_importance_weights_keep_the_prior_under_strong_imbalance():
     val, test = split(2, seed=5, n=6, background_bias=3.0)  # ~20 % foreground
     X, y, w = pool_cases(((p, l, None) for p, l in val), 2000, 0).sample()

@@ -178,15 +178,26 @@ def test_kaz_export_resizes_probabilities_before_thresholding_and_writes_8bit_bm
     probs = binary_probs(fg)[:, None]  # (2, 1, 64, 64) as nnU-Net stores 2D cases
     res = PostprocessingChain.paper000(size=(510, 788), radius_mm=0.0).apply(probs)
     assert res.segmentation.shape == (1, 510, 788)
-    # resizing the probabilities and then thresholding gives a smooth outline, not upsampled blocky pixels
-    mask_first = np.kron((fg >= 0.4).astype(np.uint8), np.ones((8, 13), np.uint8))[:510, :788]
-    assert (res.segmentation[0] != mask_first).sum() > 0
+    # resizing the probabilities and then thresholding follows the true outline much better than
+    # thresholding first and enlarging the blocky mask (nearest neighbour)
+    yo = (np.arange(510) + 0.5) * 64 / 510 - 0.5
+    xo = (np.arange(788) + 0.5) * 64 / 788 - 0.5
+    ideal = np.clip(1.2 - np.hypot(yo[:, None] - 30, xo[None] - 34) / 15, 0, 1) >= 0.4
+    blocky = (fg >= 0.4)[np.rint(yo).astype(int)[:, None], np.rint(xo).astype(int)[None]]
+    assert (res.segmentation[0].astype(bool) != ideal).sum() < (blocky != ideal).sum() / 2
     write_kaz_bmp(res.segmentation, tmp_path / "KAZ_P001_a000.bmp")
     with Image.open(tmp_path / "KAZ_P001_a000.bmp") as im:
         assert im.format == "BMP" and im.mode == "L" and im.size == (788, 510)
         arr = np.asarray(im)
     assert set(np.unique(arr).tolist()) == {0, 255}
     assert ((arr == 255) == (res.segmentation[0] > 0)).all()
+    # the intensity cyst rule may read the input image at the network's size or the original slice size
+    cyst_chain = PostprocessingChain.paper000(size=(510, 788), radius_mm=0.0, cyst_rule="intensity")
+    small, big = np.full((1, 64, 64), 100.0), np.full((1, 510, 788), 100.0)
+    for image in (small, big):
+        np.testing.assert_array_equal(cyst_chain.apply(probs, image=image).segmentation, res.segmentation)
+    with pytest.raises(KazError, match="resized"):
+        cyst_chain.apply(probs, image=np.zeros((1, 510, 787)))
 
 
 def test_bad_chains_and_inputs_raise_clear_errors_and_write_nothing(tmp_path):

@@ -48,6 +48,8 @@ def classes_from_labels(labels: Mapping[str, Any]) -> list[dict]:
         if isinstance(value, (list, tuple)):
             raise KazError(f"label '{name}' is a region {list(value)}: region-based (sigmoid) models are not "
                            "supported by the calibrators")
+        if int(value) < 0:
+            raise KazError(f"label '{name}' has the negative value {value}")
         out.append({"name": str(name), "label": int(value)})
     return sorted(out, key=lambda c: c["label"])
 
@@ -64,15 +66,16 @@ def _describe(classes: list[dict]) -> str:
 def labels_to_channels(label_map: np.ndarray, classes: list[dict], ignore_label: int | None = None,
                        name: str = "label map") -> tuple[np.ndarray, np.ndarray | None]:
     """Integer label map -> (channel indices, ignore mask or None); unknown label values raise KazError."""
-    lut_keys = np.array([c["label"] for c in classes])
-    values = np.unique(label_map)
-    known = set(lut_keys.tolist()) | ({ignore_label} if ignore_label is not None else set())
+    values = np.unique(label_map) if label_map.size == 0 or label_map.min() < 0 or label_map.max() >= 1 << 16 \
+        else np.flatnonzero(np.bincount(label_map.ravel()))  # bincount: much faster than unique on 3D maps
+    known = {c["label"] for c in classes} | ({ignore_label} if ignore_label is not None else set())
     unknown = [int(v) for v in values if int(v) not in known]
     if unknown:
         raise KazError(f"{name} holds label values {unknown} that are not in the label set ({_describe(classes)})")
-    order = np.argsort(lut_keys)
-    idx = np.searchsorted(lut_keys[order], label_map)
-    channels = order[np.clip(idx, 0, len(order) - 1)].astype(np.int64)
+    lut = np.zeros(max(known) + 1, dtype=np.uint8 if len(classes) <= 255 else np.int32)
+    for channel, c in enumerate(classes):
+        lut[c["label"]] = channel
+    channels = lut[label_map]  # label values are all known (>= 0) here
     ignore = None if ignore_label is None else label_map == ignore_label
     return channels, (ignore if ignore is not None and ignore.any() else None)
 
@@ -86,18 +89,19 @@ def check_probabilities(probabilities: np.ndarray, name: str = "probabilities", 
                        "(single-channel or region-based sigmoid outputs are not supported)")
     if not np.issubdtype(p.dtype, np.floating):
         raise KazError(f"{name}: probabilities must be floating point, got {p.dtype}")
-    if not np.isfinite(p).all():
+    lo, hi = float(p.min()), float(p.max())  # NaN propagates through min / max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise KazError(f"{name}: {int((~np.isfinite(p)).sum())} probabilities are NaN or infinite")
-    lo, hi = float(p.min()), float(p.max())
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         raise KazError(f"{name}: probabilities must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}] "
                        "(logits instead of probabilities?)")
-    total = p.sum(axis=channel_axis, dtype=np.float64)
-    worst = float(np.abs(total - 1.0).max())
+    worst = float(np.abs(p.sum(axis=channel_axis, dtype=np.float32) - 1.0).max())
     if worst > SUM_TOLERANCE:
         raise KazError(f"{name}: channels do not sum to 1 (off by up to {worst:.3g}); softmax probabilities are "
                        "expected (region-based sigmoid outputs are not supported)")
-    return np.clip(p, 0.0, 1.0).astype(np.float32, copy=False)
+    if p.dtype == np.float32 and lo >= 0.0 and hi <= 1.0:
+        return p  # no copy for the common case (large 3D maps)
+    return np.clip(p, 0.0, 1.0).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------- calibrators
@@ -151,10 +155,12 @@ class Calibrator(TransformerMixin, BaseEstimator):
         """`transform` without the input checks, chunked over voxels."""
         out = np.empty(X.shape, dtype=np.float32)
         for s in range(0, X.shape[0], CHUNK):
-            q = self._transform(X[s:s + CHUNK].astype(np.float64))
-            q = np.clip(q, 0.0, 1.0)
-            out[s:s + CHUNK] = q / np.clip(q.sum(axis=1, keepdims=True), 1e-12, None)
+            out[s:s + CHUNK] = self._calibrate_rows(X[s:s + CHUNK])
         return out
+
+    def _calibrate_rows(self, X: np.ndarray) -> np.ndarray:
+        q = np.clip(self._transform(X.astype(np.float64)), 0.0, 1.0)
+        return q / np.clip(q.sum(axis=1, keepdims=True), 1e-12, None)
 
     # --- helpers for subclasses
     def _check_fitted(self) -> None:
@@ -354,8 +360,11 @@ def apply_calibration(probabilities: np.ndarray, calibrator: Calibrator, name: s
     if p.shape[0] != calibrator.n_channels_:
         raise KazError(f"{name}: {p.shape[0]} channels, but the calibrator was fitted for {calibrator.n_channels_} "
                        f"classes ({_describe(calibrator.classes_)})")
-    flat = p.reshape(p.shape[0], -1).T
-    return np.ascontiguousarray(calibrator._calibrate(flat).T.reshape(p.shape))
+    flat = p.reshape(p.shape[0], -1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for s in range(0, flat.shape[1], CHUNK):  # chunks keep the float64 temporaries small on 3D maps
+        out[:, s:s + CHUNK] = calibrator._calibrate_rows(flat[:, s:s + CHUNK].T).T
+    return out.reshape(p.shape)
 
 
 def top_label_ece(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None, n_bins: int = 15) -> float:

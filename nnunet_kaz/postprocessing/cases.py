@@ -112,7 +112,9 @@ def read_label(path: Path) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             raise KazError(f"label image {path} holds non-integer values")
-    arr = arr.astype(np.int64)
+        arr = arr.astype(np.int32)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.int32)
     return arr[None] if arr.ndim == 2 else arr
 
 

@@ -3,8 +3,9 @@
 A chain is an ordered list of steps applied to one case's (C, *spatial) softmax probabilities (calibrate them
 first with `apply_calibration`):
 - `resize` (optional, first): Lanczos-4 resize of the probability map to `size` (the last len(size) axes,
-  e.g. the original 510 x 788 KAZ slice), before thresholding as the issue asks; the input image is resized
-  along when it has the pre-resize shape, and the spacing scaled by old / new size.
+  e.g. the original 510 x 788 KAZ slice), before thresholding as the issue asks; the spacing is scaled by
+  old / new size. The input image may be given at the probabilities' shape (it is then resized along, with
+  Lanczos-4) or already at the final shape (e.g. the original BMP slice).
 - exactly one of `threshold` (binary: foreground where p_1 >= value, default 0.4 as in paper 000; several
   classes: foreground where 1 - p_0 >= value, labelled by the most probable foreground class) or `argmax`.
   Channel c becomes label value c (nnU-Net's label order).
@@ -166,8 +167,9 @@ class PostprocessingChain:
             img = np.asarray(image)
             if img.ndim == len(spatial) + 1:
                 img = img[0]
-            if img.shape != spatial:
-                raise KazError(f"{name}: the input image has shape {img.shape}, the probabilities {spatial}")
+            if img.shape not in (spatial, self._resized_shape(spatial)):
+                raise KazError(f"{name}: the input image has shape {img.shape}, the probabilities {spatial}"
+                               + (f" (resized: {self._resized_shape(spatial)})" if self._has_resize else ""))
             img = img.astype(np.float32)
         seg = None
         report = []
@@ -175,7 +177,7 @@ class PostprocessingChain:
             if isinstance(step, Resize):
                 old = probs.shape[1:]
                 probs = resize_probabilities(probs, step.size)
-                if img is not None:
+                if img is not None and img.shape != probs.shape[1:]:
                     img = resize_lanczos4(img, step.size)
                 new = probs.shape[1:]
                 spacing = tuple(s * o / n for s, o, n in zip(spacing, old, new))
@@ -191,6 +193,19 @@ class PostprocessingChain:
                                                    step.cyst_label, img, step.fluid_window, step.max_std)
                 report.append({"step": step.name, "labels": rep})
         return ChainResult(seg, probs, spacing, report)
+
+    @property
+    def _has_resize(self) -> bool:
+        return any(isinstance(s, Resize) for s in self.steps)
+
+    def _resized_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        shape = list(spatial)
+        for step in self.steps:
+            if isinstance(step, Resize):
+                if len(step.size) > len(shape):
+                    raise KazError(f"resize to {step.size} needs {len(step.size)} spatial axes, got {len(shape)}")
+                shape[len(shape) - len(step.size):] = step.size
+        return tuple(shape)
 
     # ------------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:

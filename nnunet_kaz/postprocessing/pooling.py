@@ -24,6 +24,8 @@ import numpy as np
 
 from nnunet_kaz.errors import KazError
 
+CHUNK = 1 << 22  # voxels offered at a time
+
 
 class VoxelPool:
     """Keeps a uniform sample of at most `cap_per_class` voxels per true class (see module docstring).
@@ -45,24 +47,32 @@ class VoxelPool:
         self._probs = [np.empty((0, self.n_channels), np.float32) for _ in range(self.n_channels)]
 
     def add(self, probabilities: np.ndarray, classes: np.ndarray, ignore: np.ndarray | None = None) -> None:
-        """Offer every voxel of one case (voxels where `ignore` is True are skipped)."""
+        """Offer every voxel of one case (voxels where `ignore` is True are skipped), CHUNK voxels at a time
+        so that a large 3D case needs only chunk-sized temporaries besides the pool itself."""
         flat_cls = classes.reshape(-1)
         flat_p = probabilities.reshape(self.n_channels, -1)
-        keep = None if ignore is None else ~ignore.reshape(-1)
+        flat_ign = None if ignore is None else ignore.reshape(-1)
         self.n_cases += 1
+        for start in range(0, flat_cls.size, CHUNK):
+            stop = start + CHUNK
+            ign = None if flat_ign is None else flat_ign[start:stop]
+            self._add_chunk(flat_p[:, start:stop], flat_cls[start:stop], ign)
+
+    def _add_chunk(self, flat_p: np.ndarray, flat_cls: np.ndarray, ignore: np.ndarray | None) -> None:
         for k in range(self.n_channels):
             sel = flat_cls == k
-            if keep is not None:
-                sel &= keep
+            if ignore is not None:
+                sel &= ~ignore
             idx = np.flatnonzero(sel)
             self.n_seen[k] += idx.size
             if idx.size == 0:
                 continue
             keys = self.rng.random(idx.size)
             if self._keys[k].size >= self.cap:  # only keys below the current k-th smallest can enter
-                bound = self._keys[k].max()
-                small = keys < bound
+                small = keys < self._keys[k].max()
                 idx, keys = idx[small], keys[small]
+                if idx.size == 0:
+                    continue
             keys = np.concatenate([self._keys[k], keys])
             probs = np.concatenate([self._probs[k], flat_p[:, idx].T.astype(np.float32)])
             if keys.size > self.cap:
