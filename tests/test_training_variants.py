@@ -1,0 +1,95 @@
+"""Issue-3 trainers on the real `nnUNetv2_train`: SGDR snapshots, seeds, dropout rebuilt for inference."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from nnunet_kaz.trainers import XBoundNetTrainerSGDR_debug, nnUNetTrainerDropout_p02_debug
+from nnunet_kaz.trainers.sgdr import sgdr_lr
+from tests.conftest import KAZ, KAZ_ID, run
+
+pytestmark = pytest.mark.integration
+
+
+def _weights(folder):
+    return torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)["network_weights"]
+
+
+def test_sgdr_run_keeps_top_k_snapshots_per_cycle(tiny_kaz):
+    folder = tiny_kaz.train("XBoundNetTrainerSGDR_debug") / "fold_0"
+    manifest = json.loads((folder / "snapshots.json").read_text())
+    ends, k = manifest["cycle_ends"], manifest["top_k"]
+    assert ends == [3, 6] and k == 2
+    for cycle in range(len(ends)):
+        entries = [s for s in manifest["snapshots"] if s["cycle"] == cycle]
+        assert len(entries) == k
+        start = ends[cycle - 1] if cycle else 0
+        assert all(ends[cycle] - manifest["window"] <= s["epoch"] < ends[cycle] for s in entries)
+        assert all((folder / s["file"]).is_file() for s in entries)
+        for s in entries:
+            assert s["lr"] == pytest.approx(sgdr_lr(s["epoch"], ends, manifest["lr_max"], manifest["lr_min"]))
+        assert start >= 0
+    on_disk = sorted(p.name for p in folder.glob("checkpoint_snapshot_*.pth"))
+    assert on_disk == sorted(s["file"] for s in manifest["snapshots"])
+    # the learning rates nnU-Net logged follow the SGDR formula
+    ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    lrs = ckpt["logging"]["lrs"]
+    assert len(lrs) == 6
+    for epoch, lr in enumerate(lrs):
+        expected = manifest["lr_min"] + (manifest["lr_max"] - manifest["lr_min"]) / 2 * (
+            1 + math.cos(math.pi * (epoch - (0 if epoch < 3 else 3)) / 3))
+        assert lr == pytest.approx(expected)
+
+
+def test_same_seed_gives_identical_weights_and_different_seeds_differ(tiny_kaz):
+    env = dict(tiny_kaz.env, nnUNet_n_proc_DA="0")
+    first = _weights(tiny_kaz.train("XBoundNetTrainer_debug_seed0"))
+    run(["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", "XBoundNetTrainer_debug_seed0", "-p", "nnUNetTinyPlans",
+         "-device", "cpu"], env)  # the same run again, overwriting the first
+    second = _weights(tiny_kaz.results("XBoundNetTrainer_debug_seed0"))
+    other = _weights(tiny_kaz.train("XBoundNetTrainer_debug_seed1"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypatch):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    folder = tiny_kaz.train("nnUNetTrainerDropout_p02_debug")
+    for key, value in tiny_kaz.env.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    predictor = nnUNetPredictor(device=torch.device("cpu"))
+    predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+    plans = json.loads((folder / "plans.json").read_text())
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    trained = nnUNetTrainerDropout_p02_debug.build_network_architecture(pm, pm.get_configuration("2d"), 1, 2, True)
+    describe = lambda net: [(n, type(m).__name__, m.p) for n, m in net.named_modules()  # noqa: E731
+                            if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert describe(predictor.network) == describe(trained)
+    assert len(describe(trained)) >= 2 * 4 and all(p == 0.2 for _, _, p in describe(trained))
+
+
+@pytest.mark.parametrize("attrs,match", [
+    (dict(sgdr_cycle_ends=(3, 5)), "do not fit num_epochs"),
+    (dict(snapshot_top_k=3, snapshot_window=2), "snapshot_top_k"),
+    (dict(snapshot_window=4), "longer than the shortest"),
+])
+def test_sgdr_trainer_refuses_bad_settings(tiny_kaz, monkeypatch, attrs, match):
+    for key, value in tiny_kaz.env.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    plans = json.loads((tiny_kaz.root / "nnUNet_preprocessed" / KAZ / "nnUNetTinyPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((tiny_kaz.raw / "dataset.json").read_text())
+    bad = type("Bad", (XBoundNetTrainerSGDR_debug,), attrs)
+    trainer = bad(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    with pytest.raises(ValueError, match=match):
+        trainer.initialize()
