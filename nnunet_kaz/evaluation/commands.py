@@ -1,0 +1,80 @@
+"""Sub-commands `evaluate` and `compare` of `nnunet-kaz`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nnunet_kaz.evaluation.evaluate import EvaluationSettings, evaluate_folder, report
+
+    settings = EvaluationSettings(labels=args.labels, n_bins=args.n_bins, roi_margin=args.roi_margin,
+                                  entropy_scaling=args.entropy_scaling, figure_cases=args.figure_cases,
+                                  pred_subset=args.pred_subset, uncertainty_pattern=args.uncertainty_pattern,
+                                  uncertainty_key=args.uncertainty_key)
+    result = evaluate_folder(args.pred, args.gt, args.o, args.probs, settings, args.images, args.uncertainty,
+                             args.scores, progress=not args.quiet)
+    print(report(result))
+    print(f"wrote {args.o}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from nnunet_kaz.evaluation.compare import compare_runs
+
+    compare_runs(args.runs, args.o, progress=not args.quiet)
+    print((args.o / "comparison.md").read_text())
+    print(f"wrote {args.o}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="overlap/surface metrics, calibration, uncertainty-vs-error of a prediction folder",
+        description="Evaluate segmentations {case}{ending} (nnU-Net's or this project's prediction folder) "
+                    "against ground truth with the same names. Writes metrics.csv (dice, jaccard, precision, "
+                    "recall, specificity, rvd, hd, hd95, assd, mad, msd; distances in the images' spacing unit) "
+                    "and summary.csv; with --probs ({case}.npz, key 'probabilities') also calibration.csv "
+                    "(ECE, adaptive ECE, MCE, Brier; scopes all and roi), reliability diagrams, the "
+                    "uncertainty threshold analysis (T = 100/75/50/25) and the AUROC of voxel uncertainty for "
+                    "voxel errors; with --scores the Spearman correlation of per-image scores with Dice.")
+    p.add_argument("--pred", type=Path, required=True, help="folder of predicted segmentations")
+    p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth segmentations (e.g. labelsTs)")
+    p.add_argument("--probs", type=Path, help="folder of {case}.npz probabilities (nnU-Net --save_probabilities "
+                                              "or nnunet-kaz predict); often the same as --pred")
+    p.add_argument("--labels", type=int, nargs="+", help="foreground labels to evaluate (default: dataset.json's, "
+                                                         "else every label found)")
+    p.add_argument("-o", type=Path, required=True, help="output folder (created; replaced if it holds an "
+                                                        "earlier evaluation)")
+    p.add_argument("--n-bins", type=int, default=15, help="calibration bins (default 15)")
+    p.add_argument("--roi-margin", type=float, default=5.0,
+                   help="roi scope: voxels within this distance (mm; pixels for PNG/BMP) of ground truth or "
+                        "prediction (default 5)")
+    p.add_argument("--uncertainty", type=Path, help="folder of uncertainty maps (default: normalized entropy "
+                                                    "of the --probs probabilities)")
+    p.add_argument("--uncertainty-pattern", default="{case}_uncertainty.npz",
+                   help="file name of a case's uncertainty map in --uncertainty (default {case}_uncertainty.npz)")
+    p.add_argument("--uncertainty-key", default="entropy", help="array in an .npz uncertainty file "
+                                                                "(default entropy; or mutual_information, variance)")
+    p.add_argument("--entropy-scaling", choices=("case", "absolute"), default="case",
+                   help="0..100 scaling for the thresholds: per-case min-max (paper 000, default) or 100 x value")
+    p.add_argument("--images", type=Path, help="images folder ({case}_0000{ending}) for the figures' image panel")
+    p.add_argument("--figure-cases", type=int, default=3, help="uncertainty figures for the first N cases "
+                                                               "(default 3; 0 for none)")
+    p.add_argument("--scores", type=Path, help="per-image scores.csv of nnunet-kaz predict: Spearman vs Dice")
+    p.add_argument("--pred-subset", action="store_true",
+                   help="evaluate only the predicted cases (default: every ground-truth case must be predicted)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
+
+    c = sub.add_parser(
+        "compare", help="one table comparing methods (Dice, HD95, ECE, Brier, AUROC, Spearman)",
+        description="Evaluate several prediction folders against the same ground truth and write "
+                    "comparison.csv / comparison.md, overlaid reliability diagrams and each run's evaluation. "
+                    "RUNS.yaml: 'gt: DIR' and 'runs:' a list of {label: NAME, pred: DIR} with optional probs, "
+                    "uncertainty, scores; optional top-level labels, n_bins, roi_margin, images, figure_cases, "
+                    "pred_subset. See nnunet_kaz/evaluation/compare.py.")
+    c.add_argument("runs", type=Path, metavar="RUNS.yaml")
+    c.add_argument("-o", type=Path, required=True, help="output folder")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_compare)

@@ -1,0 +1,414 @@
+"""Evaluate a prediction folder against ground truth: `nnunet-kaz evaluate` (issue 6 items 1-4).
+
+`prepare` checks every input (cases, headers, labels, tables) without reading pixels; `run` streams over the
+cases one at a time (a 3D dataset is never in memory at once; calibration and AUROC keep histograms only);
+`write` puts every output into the output folder at once, so an interrupted or failed run leaves nothing.
+
+Outputs (see the README of each module for the definitions):
+- metrics.csv: case, label, dice, jaccard, precision, recall, specificity, rvd (overlap.py), hd, hd95, assd,
+  mad, msd (surface.py, physical units from the image spacing);
+- summary.csv: per label and over all rows (`all`): mean, std (ddof 1), median, n (finite values used) and
+  n_nan (undefined values left out, e.g. distances with exactly one empty mask) of every metric column;
+- with probabilities: calibration.csv (calibration.py) and reliability_{scope}_{class}.png;
+- with probabilities or uncertainty maps: uncertainty_thresholds.csv (per case, label and T),
+  uncertainty_thresholds_summary.csv (pooled over cases), uncertainty_auroc.csv and, with --figure-cases,
+  figures/uncertainty_{case}_label{l}.png (uncertainty_validation.py);
+- with --scores: score_correlations.csv and score_scatter.png (score_correlation.py);
+- evaluation.json: the settings, the cases and the NaN counts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from nnunet_kaz.errors import KazError
+from nnunet_kaz.evaluation.calibration import CalibrationSet, roi_mask
+from nnunet_kaz.evaluation.cases import (
+    CasePair,
+    dataset_labels,
+    find_dataset_json,
+    label_counts,
+    load_probabilities,
+    load_uncertainty,
+    match_cases,
+    read_array,
+    read_segmentation,
+)
+from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, ConfusionCounts
+from nnunet_kaz.evaluation.score_correlation import read_scores, score_correlations, score_scatter
+from nnunet_kaz.evaluation.surface import SURFACE_METRICS, surface_metrics
+from nnunet_kaz.evaluation.uncertainty_validation import (
+    THRESHOLDS,
+    ErrorAuroc,
+    figure_slice,
+    scaled_uncertainty,
+    threshold_counts,
+    uncertainty_figure,
+)
+from nnunet_kaz.io_utils import atomic_dir
+
+METRIC_COLUMNS = OVERLAP_METRICS + SURFACE_METRICS
+MARKER = "evaluation.json"
+
+
+@dataclass
+class EvaluationSettings:
+    labels: list[int] | None = None          # None: the dataset.json labels, else every label found
+    n_bins: int = 15
+    roi_margin: float = 5.0                  # physical units of the spacing (mm; pixels for PNG/BMP)
+    thresholds: tuple[float, ...] = THRESHOLDS
+    entropy_scaling: str = "case"
+    figure_cases: int = 3
+    pred_subset: bool = False
+    uncertainty_pattern: str = "{case}_uncertainty.npz"
+    uncertainty_key: str = "entropy"
+
+    def check(self) -> None:
+        if self.n_bins < 1:
+            raise KazError(f"--n-bins must be >= 1, got {self.n_bins}")
+        if not self.roi_margin >= 0:
+            raise KazError(f"--roi-margin must be >= 0, got {self.roi_margin}")
+        if self.entropy_scaling not in ("case", "absolute"):
+            raise KazError(f"entropy scaling must be 'case' or 'absolute', got {self.entropy_scaling!r}")
+        if self.labels is not None:
+            labels = [self.labels] if isinstance(self.labels, int) else self.labels
+            if not isinstance(labels, (list, tuple)) or not all(isinstance(v, (int, np.integer)) for v in labels):
+                raise KazError(f"labels must be a list of integers, got {self.labels!r}")
+            self.labels = [int(v) for v in labels]
+        if self.labels is not None and any(v <= 0 for v in self.labels):
+            raise KazError(f"--labels takes foreground label values (> 0), got {self.labels}")
+        if "{case}" not in self.uncertainty_pattern:
+            raise KazError(f"the uncertainty pattern must contain {{case}}, got {self.uncertainty_pattern!r}")
+
+
+@dataclass
+class EvaluationPlan:
+    pairs: list[CasePair]
+    settings: EvaluationSettings
+    labels: list[int] | None                 # fixed before the run when known
+    label_names: dict[str, int] = field(default_factory=dict)
+    scores: pd.DataFrame | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    plan: EvaluationPlan
+    labels: list[int]
+    metrics: pd.DataFrame
+    summary: pd.DataFrame
+    calibration: CalibrationSet | None = None
+    thresholds: pd.DataFrame | None = None
+    threshold_summary: pd.DataFrame | None = None
+    auroc: dict[str, ErrorAuroc] = field(default_factory=dict)
+    correlations: pd.DataFrame | None = None
+    figures: list[dict] = field(default_factory=list)
+    uncertainty_source: str | None = None
+
+    def auroc_table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"scope": s, "auroc": a.auroc(), "n_voxels": a.n_voxels, "n_error_voxels": a.n_errors,
+                              "uncertainty": self.uncertainty_source} for s, a in self.auroc.items()],
+                            columns=["scope", "auroc", "n_voxels", "n_error_voxels", "uncertainty"])
+
+    def nan_counts(self) -> dict[str, int]:
+        return {c: int(self.metrics[c].isna().sum()) for c in METRIC_COLUMNS if self.metrics[c].isna().any()}
+
+
+def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, settings: EvaluationSettings | None = None,
+            images_dir: Path | None = None, uncertainty_dir: Path | None = None,
+            scores_csv: Path | None = None) -> EvaluationPlan:
+    """Check every input before anything is computed or written; KazError lists what is wrong."""
+    settings = settings or EvaluationSettings()
+    settings.check()
+    for what, d in (("--probs", probs_dir), ("--images", images_dir), ("--uncertainty", uncertainty_dir)):
+        if d is not None and not Path(d).is_dir():
+            raise KazError(f"{what} folder {d} does not exist")
+    pairs = match_cases(Path(pred_dir), Path(gt_dir), probs_dir, uncertainty_dir, settings.uncertainty_pattern,
+                        images_dir, settings.pred_subset)
+    dj = find_dataset_json(Path(pred_dir), Path(gt_dir).parent, Path(gt_dir))
+    label_names: dict[str, int] = {}
+    labels = None if settings.labels is None else sorted(set(settings.labels))
+    if dj is not None:
+        known = dataset_labels(dj)
+        label_names = {k: int(v) for k, v in dj.get("labels", {}).items() if isinstance(v, int)}
+        if labels is None:
+            labels = known
+        else:
+            unknown = [v for v in labels if v not in known]
+            if unknown:
+                raise KazError(f"label(s) {unknown} are not in the dataset's labels {known} (dataset.json)")
+    plan = EvaluationPlan(pairs, settings, labels, label_names)
+    if scores_csv is not None:
+        plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
+        unknown = sorted(set(plan.scores["case"]) - {p.case for p in pairs})
+        if unknown:
+            raise KazError(f"{scores_csv}: case(s) not evaluated: {unknown[:20]}")
+    plan.sources = {"pred": str(pred_dir), "gt": str(gt_dir), "probs": str(probs_dir) if probs_dir else "",
+                    "images": str(images_dir) if images_dir else "",
+                    "uncertainty": str(uncertainty_dir) if uncertainty_dir else "",
+                    "scores": str(scores_csv) if scores_csv else ""}
+    return plan
+
+
+def _scores_with_label_values(scores: pd.DataFrame, label_names: dict[str, int], path: Path) -> pd.DataFrame:
+    """The predictor names labels as dataset.json does ("kidney"); map names to values, keep numbers."""
+    def value(v):
+        if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()):
+            return int(v)
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if v in label_names:
+            return label_names[v]
+        raise KazError(f"{path}: label {v!r} is neither a number nor a label name of dataset.json "
+                       f"({sorted(label_names) or 'no dataset.json found'})")
+    return scores.assign(label=[value(v) for v in scores["label"]], case=scores["case"].astype(str))
+
+
+def _empty_row() -> dict[str, float]:
+    """Both masks empty (the label is in neither): overlap metrics 1, rvd 0, distances 0."""
+    return {**metrics_from_counts(ConfusionCounts(0, 0, 0, 1)), **{k: 0.0 for k in SURFACE_METRICS}}
+
+
+def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
+    """Compute every output of `plan`, one case at a time (nothing is written)."""
+    from tqdm import tqdm
+
+    s = plan.settings
+    use_probs = any(p.probs for p in plan.pairs)
+    use_unc = use_probs or any(p.uncertainty for p in plan.pairs)
+    calib = CalibrationSet(s.n_bins, plan.labels or []) if use_probs else None
+    auroc = {"all": ErrorAuroc(), "roi": ErrorAuroc()} if use_unc else {}
+    rows: list[dict] = []
+    threshold_rows: list[dict] = []
+    figures: list[dict] = []
+    seen: set[int] = set()
+    n_classes = None
+    for i, pair in enumerate(tqdm(plan.pairs, desc="evaluate", unit="case", disable=not progress)):
+        gt, spacing = read_segmentation(pair.gt)
+        pred, _ = read_segmentation(pair.pred)
+        if gt.shape != pred.shape:
+            raise KazError(f"{pair.case}: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+        present = np.flatnonzero(_padded_sum(label_counts(gt), label_counts(pred)))
+        seen.update(int(v) for v in present if v > 0)
+        labels = plan.labels if plan.labels is not None else [int(v) for v in present if v > 0]
+        for lab in labels:
+            if lab not in present:
+                metrics = _empty_row()
+            else:
+                p, g = pred == lab, gt == lab
+                metrics = {**metrics_from_counts(ConfusionCounts.of(p, g)), **surface_metrics(p, g, spacing)}
+            rows.append({"case": pair.case, "label": lab, **metrics})
+        if not use_unc:
+            continue
+        probs = None
+        if pair.probs is not None:
+            probs = load_probabilities(pair.probs, gt.shape)
+            n_classes = n_classes or probs.shape[0]
+            if probs.shape[0] != n_classes:
+                raise KazError(f"{pair.probs}: {probs.shape[0]} classes, earlier cases had {n_classes}")
+            top = int(max(present.max(initial=0), max(labels, default=0)))
+            if top >= probs.shape[0]:
+                raise KazError(f"{pair.probs}: {probs.shape[0]} probability channels but label {top} occurs")
+        roi = roi_mask(gt, pred, spacing, s.roi_margin)
+        if calib is not None and probs is not None:
+            if plan.labels is None:  # no dataset.json nor --labels: class-wise rows for every channel
+                calib.labels = list(range(1, probs.shape[0]))
+            calib.add_case(probs, gt, roi)
+        if pair.uncertainty is not None:
+            u = load_uncertainty(pair.uncertainty, gt.shape, s.uncertainty_key)
+        elif probs is not None:
+            from nnunet_kaz.uncertainty.measures import normalized_entropy
+
+            u = np.asarray(normalized_entropy(probs), dtype=np.float32)
+        else:
+            continue
+        error = pred != gt
+        auroc["all"].add(u, error)
+        auroc["roi"].add(u[roi], error[roi])
+        u100 = scaled_uncertainty(u, s.entropy_scaling)
+        for lab in labels:
+            for r in threshold_counts(pred == lab, gt == lab, u100, s.thresholds):
+                threshold_rows.append({"case": pair.case, "label": lab, **r})
+        if i < s.figure_cases and probs is not None:
+            z = figure_slice(gt, pred)
+            sl = (lambda a: a) if z is None else (lambda a: a[z])
+            image = None
+            if pair.image is not None:
+                image = read_array(pair.image)[0].astype(np.float32)
+                if image.ndim == gt.ndim + 1:  # RGB(A) natural image: grey
+                    image = image[..., :3].mean(-1)
+                image = sl(image) if image.shape == gt.shape else None
+            for lab in labels:
+                figures.append({"case": pair.case, "label": lab, "slice": z, "gt": sl(gt) == lab,
+                                "pred": sl(pred) == lab, "prob": sl(probs[lab]), "u100": sl(u100), "image": image})
+    labels = plan.labels if plan.labels is not None else sorted(seen)
+    if plan.settings.labels is not None:
+        absent = [v for v in plan.settings.labels if v not in seen]
+        if absent:
+            raise KazError(f"label(s) {absent} occur in no ground truth and no prediction of the "
+                           f"{len(plan.pairs)} case(s)")
+    if not labels:
+        raise KazError("no foreground label in any ground truth or prediction; pass --labels")
+    metrics = _complete(pd.DataFrame(rows), [p.case for p in plan.pairs], labels)
+    result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures)
+    if threshold_rows:
+        result.thresholds = pd.DataFrame(threshold_rows)
+        result.threshold_summary = summarize_thresholds(result.thresholds)
+        result.uncertainty_source = (f"{plan.settings.uncertainty_key} from {plan.settings.uncertainty_pattern}"
+                                     if any(p.uncertainty for p in plan.pairs)
+                                     else "normalized entropy of the mean probability")
+    if plan.scores is not None:
+        result.correlations = score_correlations(plan.scores, metrics)
+    return result
+
+
+def _padded_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(a.size, b.size)
+    return np.pad(a, (0, n - a.size)) + np.pad(b, (0, n - b.size))
+
+
+def _complete(metrics: pd.DataFrame, cases: list[str], labels: list[int]) -> pd.DataFrame:
+    """One row per case and label in `labels`: rows of labels a case lacks entirely are the empty-mask row."""
+    have = {(r.case, r.label) for r in metrics.itertuples()} if len(metrics) else set()
+    extra = [{"case": c, "label": lab, **_empty_row()} for c in cases for lab in labels if (c, lab) not in have]
+    df = pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True) if extra else metrics
+    df = df[df["label"].isin(labels)]
+    order = {c: i for i, c in enumerate(cases)}
+    df = df.sort_values(["case", "label"], key=lambda col: col.map(order) if col.name == "case" else col)
+    return df[["case", "label", *METRIC_COLUMNS]].reset_index(drop=True)
+
+
+def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv: per label (and `all` when several): mean, std, median over the finite values of each
+    column, n of those values and n_nan of the undefined ones (never averaged in silently)."""
+    groups = [(str(lab), g) for lab, g in metrics.groupby("label")]
+    if len(groups) > 1:
+        groups.append(("all", metrics))
+    rows = []
+    for label, g in groups:
+        vals = g[list(METRIC_COLUMNS)].astype(float)
+        stats = {"mean": vals.mean(), "std": vals.std(ddof=1), "median": vals.median(),
+                 "n": vals.notna().sum(), "n_nan": vals.isna().sum()}
+        for name, series in stats.items():
+            rows.append({"label": label, "statistic": name, **series.to_dict()})
+    return pd.DataFrame(rows, columns=["label", "statistic", *METRIC_COLUMNS])
+
+
+def summarize_thresholds(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Counts summed over cases per label and T, the filtered fractions recomputed from the sums."""
+    sums = per_case.groupby(["label", "T"], sort=False)[["tp", "fp", "fn", "uncertain", "uncertain_tn"]].sum()
+    base = per_case[per_case["T"] == per_case["T"].max()].groupby("label")[["tp", "fp", "fn"]].sum()
+    out = sums.reset_index()
+    for name in ("tp", "fp", "fn"):
+        total = out["label"].map(base[name])
+        out[f"filtered_{name}"] = np.where(total > 0, 1.0 - out[name] / total.where(total > 0, 1), np.nan)
+    return out
+
+
+def _figure_name(case: str, label: int) -> str:
+    return f"uncertainty_{case}_label{label}.png"
+
+
+def check_output_dir(out_dir: Path, marker: str, inputs: Sequence[Path | None]) -> None:
+    """Refuse an output folder that holds other things (it is replaced whole) or that contains an input."""
+    out = Path(out_dir).resolve()
+    for d in inputs:
+        if d is None:
+            continue
+        d = Path(d).resolve()
+        if out == d or out in d.parents:
+            raise KazError(f"output folder {out_dir} would replace the input folder {d}")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise KazError(f"output folder {out_dir} exists and is not an earlier output (no {marker}); "
+                       "choose a new folder")
+
+
+def write_into(result: EvaluationResult, folder: Path) -> None:
+    """Write every output of `result` into an existing (temporary) folder."""
+    from nnunet_kaz.evaluation.reliability import reliability_diagram
+
+    folder = Path(folder)
+    result.metrics.to_csv(folder / "metrics.csv", index=False)
+    result.summary.to_csv(folder / "summary.csv", index=False)
+    if result.calibration is not None and result.calibration.histograms:
+        result.calibration.table().to_csv(folder / "calibration.csv", index=False)
+        for (scope, cls), h in result.calibration.histograms.items():
+            if h.n:
+                reliability_diagram({cls: h}, folder / f"reliability_{scope}_{cls}.png",
+                                    title=f"scope {scope}, class {cls}, {h.n} voxels")
+    if result.thresholds is not None:
+        result.thresholds.to_csv(folder / "uncertainty_thresholds.csv", index=False)
+        result.threshold_summary.to_csv(folder / "uncertainty_thresholds_summary.csv", index=False)
+    if result.auroc:
+        result.auroc_table().to_csv(folder / "uncertainty_auroc.csv", index=False)
+    if result.figures:
+        (folder / "figures").mkdir(exist_ok=True)
+        for f in result.figures:
+            where = "" if f["slice"] is None else f", slice {f['slice']} of axis 0"
+            uncertainty_figure(folder / "figures" / _figure_name(f["case"], f["label"]), f["gt"], f["pred"],
+                               f["prob"], f["u100"], f["image"], result.plan.settings.thresholds,
+                               title=f"{f['case']}, label {f['label']}{where}")
+    if result.correlations is not None:
+        result.correlations.to_csv(folder / "score_correlations.csv", index=False)
+        score_scatter(result.plan.scores, result.metrics, folder / "score_scatter.png")
+    info = {"settings": asdict(result.plan.settings), "inputs": result.plan.sources, "labels": result.labels,
+            "cases": [p.case for p in result.plan.pairs], "nan_counts": result.nan_counts(),
+            "uncertainty": result.uncertainty_source}
+    (folder / MARKER).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def write(result: EvaluationResult, out_dir: Path) -> None:
+    """Write the outputs into `out_dir`, replacing it whole only once everything is written."""
+    with atomic_dir(out_dir) as tmp:
+        write_into(result, tmp)
+
+
+def evaluate_folder(pred_dir: Path, gt_dir: Path, out_dir: Path, probs_dir: Path | None = None,
+                    settings: EvaluationSettings | None = None, images_dir: Path | None = None,
+                    uncertainty_dir: Path | None = None, scores_csv: Path | None = None,
+                    progress: bool = True) -> EvaluationResult:
+    """prepare + run + write (see the module docstring)."""
+    check_output_dir(out_dir, MARKER, [pred_dir, gt_dir, probs_dir, images_dir, uncertainty_dir])
+    plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv)
+    result = run(plan, progress)
+    write(result, out_dir)
+    return result
+
+
+def report(result: EvaluationResult) -> str:
+    """A few lines for the terminal: mean Dice / HD95 per label, NaN counts, calibration and AUROC."""
+    lines = []
+    mean = result.summary[result.summary["statistic"] == "mean"]
+    for r in mean.itertuples():
+        lines.append(f"label {r.label}: dice {r.dice:.4f}, hd95 {r.hd95:.3f}, assd {r.assd:.3f}")
+    nan = result.nan_counts()
+    if nan:
+        lines.append("undefined (NaN, left out of the means): " + ", ".join(f"{k} {v}" for k, v in nan.items()))
+    if result.calibration is not None and result.calibration.histograms:
+        t = result.calibration.table()
+        main = t[t["class"] == "top-label"] if (t["class"] == "top-label").any() else t[t["class"] == "1"]
+        for scope, cls, ece, ace, brier in main[["scope", "class", "ece", "ace", "brier"]].itertuples(index=False):
+            lines.append(f"calibration {scope} ({cls}): ECE {ece:.4f}, ACE {ace:.4f}, Brier {brier:.4f}")
+    for scope, a in result.auroc.items():
+        lines.append(f"uncertainty AUROC for voxel errors ({scope}): {a.auroc():.4f}")
+    return "\n".join(lines)
+
+
+__all__ = ["EvaluationSettings", "EvaluationPlan", "EvaluationResult", "prepare", "run", "write",
+           "evaluate_folder", "summarize", "report", "check_output_dir", "METRIC_COLUMNS"]
