@@ -66,7 +66,7 @@ def test_json_round_trip_gives_identical_outputs_in_range_summing_to_one(tmp_pat
     labels = {"background": 0, **{f"c{i}": i for i in range(1, n_classes)}}
     cal = make_calibrator(method, classes_from_labels(labels)).fit_cases(
         ((p, l, None) for p, l in val), cap_per_class=2000, seed=1)
-    save_calibrator(cal, tmp_path / "calib.json")
+    cal.save(tmp_path / "calib.json")
     back = load_calibrator(tmp_path / "calib.json", labels=labels)
     d = json.loads((tmp_path / "calib.json").read_text())
     assert d["method"] == method and d["classes"][1] == {"name": "c1", "label": 1}

@@ -72,10 +72,6 @@ def test_hole_filling_in_2d_slices_and_labels_never_overwritten():
 
 
 # ------------------------------------------------------------------------------------------ largest component
-def blob_image(shape, rng):
-    return rng.normal(0, 1, shape)
-
-
 def test_largest_component_2d_and_the_intensity_cyst_rule():
     rng = np.random.default_rng(0)
     seg = np.zeros((1, 40, 40), np.uint8)

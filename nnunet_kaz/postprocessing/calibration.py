@@ -192,6 +192,10 @@ class Calibrator(TransformerMixin, BaseEstimator):
         return {"format": FORMAT, "method": self.method, "parameters": self._params(), "classes": self.classes_,
                 "fit_set": self.fit_set_, "notes": list(self.notes_), "nnunet_kaz_version": __version__}
 
+    def save(self, path: str | Path) -> None:
+        """Write the JSON form to `path` (atomically); read it back with `load_calibrator`."""
+        save_calibrator(self, path)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Calibrator":
         obj = cls(classes=[dict(k) for k in d["classes"]])

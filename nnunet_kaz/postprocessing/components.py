@@ -25,7 +25,10 @@ density and low texture is taken for a cyst (and then dropped), and a cyst with 
 images is missed. `max_std` must match the scanner's noise (measure it in a known cyst). The window and the
 limit are in the image's units: 8-bit BMP/PNG slices windowed from CT are not HU, so convert them with
 `hu_to_image_units` (or give them in gray levels); an image resized by the chain is smoothed by the
-interpolation, which lowers its deviation a little.
+interpolation, which lowers its deviation a little. Measured on the kaz2d phantom (seed 0, 128 x 128 slices):
+true ablation zones have interior means 10-22 HU and deviations 7-14 HU, cysts -4-15 HU and 5-11 HU, so
+with the defaults 9 of 24 zone slices pass as cysts and 2 of 8 cyst slices do not. The rule is therefore
+off ("none") unless asked for, and its window and limit should be tuned on labelled data first.
 """
 from __future__ import annotations
 
