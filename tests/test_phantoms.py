@@ -181,3 +181,8 @@ def test_cli_phantom(tmp_path, capsys):
     assert cli_main(["phantom", "--kind", "kaz2d", "-o", str(tmp_path / "bad"), "-n", "1"]) == 2
     assert "DatasetXXX_Name" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert cli_main(["phantom", "--kind", "kaz2d", "--format", "bmp", "-o", str(tmp_path / "bmp"), "-n", "1",
+                     "--size", "20", "30", "--slices", "2"]) == 0
+    for sub in ("images", "masks", "truth"):
+        assert sorted(p.name for p in (tmp_path / "bmp" / sub).iterdir()) == ["P001_a000.bmp", "P001_a090.bmp"]
+    assert np.asarray(Image.open(tmp_path / "bmp" / "images" / "P001_a090.bmp")).shape == (20, 30)

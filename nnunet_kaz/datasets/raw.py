@@ -65,3 +65,15 @@ def dataset_json(channel_names: dict[str, str], labels: dict[str, Any], num_trai
         d["regions_class_order"] = list(regions_class_order)
     d.update(extra)
     return d
+
+
+def raw_target(raw_root: str | Path, dataset_id: int, name: str, overwrite: bool) -> Path:
+    """`raw_root/DatasetXXX_Name`, checked: a valid name, no other folder with the same id (nnU-Net would
+    refuse the id as ambiguous), and no non-empty folder unless `overwrite`."""
+    raw_root = Path(raw_root)
+    target = raw_root / dataset_folder_name(dataset_id, name)
+    clashes = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != target.name) \
+        if raw_root.is_dir() else []
+    if clashes:
+        raise KazError(f"dataset id {dataset_id} is already used by {', '.join(clashes)} in {raw_root}")
+    return check_writable(target, overwrite)
