@@ -102,6 +102,9 @@ def write_patient_splits(preprocessed_dataset_dir: str | Path, case_patient: Map
     write_json_atomic([{"train": f["train"], "val": f["val"]} for f in nested], out["nested_splits"])
     write_json_atomic({"seed": seed, "n_outer": n_folds, "proportions": "train 64 % / val 16 % / test 20 % "
                        "of patients (paper 000 section 3.1)", "folds": nested}, out["nested_cv"])
+    for stale in (base / "nested_cv").glob("test_fold*.txt"):  # from an earlier run with more folds
+        if stale.stem[len("test_fold"):] not in {str(k) for k in range(len(nested))}:
+            stale.unlink()
     for k, fold in enumerate(nested):
         out[f"test_fold{k}"] = base / "nested_cv" / f"test_fold{k}.txt"
         with atomic_path(out[f"test_fold{k}"]) as tmp:
