@@ -96,7 +96,8 @@ class Demo:
     def report_dice(self, predictions: Path) -> float:
         import numpy as np
 
-        from nnunet_kaz.evaluation import dice_score, read_mask
+        from nnunet_kaz.evaluation import overlap_metrics
+        from nnunet_kaz.evaluation.cases import read_segmentation
 
         self.step("5. Dice per held-out case against the annotation")
         labels = self.raw / DATASET / "labelsTs"
@@ -105,7 +106,7 @@ class Demo:
             pred_file = predictions / gt_file.name
             if not pred_file.exists():
                 raise SystemExit(f"demo: no prediction for {gt_file.name}")
-            d = dice_score(read_mask(pred_file) == 1, read_mask(gt_file) == 1)
+            d = overlap_metrics(read_segmentation(pred_file)[0] == 1, read_segmentation(gt_file)[0] == 1)["dice"]
             scores.append(d)
             print(f"  {gt_file.stem:<20} Dice {d:.3f}")
         mean = float(np.mean(scores))

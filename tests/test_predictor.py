@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference import UncertaintyPredictor, parse_member
@@ -129,3 +130,37 @@ def test_unreadable_image_is_named_and_nothing_half_written(tiny_kaz, models, tm
                 "-device", "cpu"], tiny_kaz.env, check=False)
     assert proc.returncode == 2 and "BAD_0000.png" in proc.stderr
     assert not list(out.glob("BAD*"))
+
+
+def test_calibration_and_postprocessing_chain_are_applied(tiny_kaz, models, tmp_path):
+    from nnunet_kaz.postprocessing import (PostprocessingChain, apply_calibration, classes_from_labels,
+                                           make_calibrator, save_calibrator)
+
+    images = tiny_kaz.raw / "imagesTs"
+    plain = tmp_path / "plain"
+    run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(plain), "-m", f"{models[PLAIN]}:0", "-device",
+         "cpu"], tiny_kaz.env)
+    # an over-confident toy fit: temperature > 1 softens the probabilities
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.99, 4000)
+    y = (rng.uniform(size=4000) < 0.5 + (p - 0.5) * 0.3).astype(int)
+    labels = json.loads((tiny_kaz.raw / "dataset.json").read_text())["labels"]
+    cal = make_calibrator("temperature", classes_from_labels(labels)).fit(np.stack([1 - p, p], 1), y)
+    save_calibrator(cal, tmp_path / "calib.json")
+    chain = PostprocessingChain.paper000(size=[40, 48], threshold=0.4, radius_mm=1.0)
+    chain.save(tmp_path / "chain.json")
+    out = tmp_path / "post"
+    run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(out), "-m", f"{models[PLAIN]}:0", "-device", "cpu",
+         "--calibration", str(tmp_path / "calib.json"), "--postprocessing", str(tmp_path / "chain.json")],
+        tiny_kaz.env)
+    for f in sorted(plain.glob("KAZ_*[0-9].npz")):
+        raw = np.load(f)["probabilities"]
+        calibrated = np.load(out / f.name)["probabilities"]
+        np.testing.assert_allclose(calibrated, apply_calibration(raw, cal), atol=1e-6)
+        assert not np.allclose(calibrated, raw)
+        seg = np.asarray(Image.open(out / f.name.replace(".npz", ".png")))
+        expected = PostprocessingChain(chain.steps[1:]).apply(calibrated, spacing=[999.0, 1.0, 1.0]).segmentation
+        np.testing.assert_array_equal(seg, expected[0])
+        bmp = np.asarray(Image.open(out / "kaz_export" / f.name.replace(".npz", ".bmp")))
+        assert bmp.shape == (40, 48) and set(np.unique(bmp)) <= {0, 255}
+    assert PostprocessingChain.load(out / "postprocessing.json") == chain

@@ -14,8 +14,18 @@ def _predict(args: argparse.Namespace) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     members = [parse_member(m) for m in args.m]
+    calibration = chain = None
+    if args.calibration is not None:
+        from nnunet_kaz.postprocessing import load_calibrator
+
+        calibration = load_calibrator(args.calibration, labels=members[0].dataset_json["labels"])
+    if args.postprocessing is not None:
+        from nnunet_kaz.postprocessing import PostprocessingChain
+
+        chain = PostprocessingChain.load(args.postprocessing)
     predictor = UncertaintyPredictor(members, mc=args.mc, mirror=args.mirror, tile_step_size=args.step_size,
-                                     device=args.device, mc_batch=args.mc_batch, seed=args.seed)
+                                     device=args.device, mc_batch=args.mc_batch, seed=args.seed,
+                                     calibration=calibration, postprocessing=chain)
     scores = predictor.predict_folder(args.i, args.o, args.overwrite, args.num_parts, args.part_id)
     print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s); outputs and scores.csv "
           f"({len(scores)} rows) in {args.o}")
@@ -42,5 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part-id", type=int, default=0, help="which part this process predicts")
     p.add_argument("--overwrite", action="store_true", help="redo cases that are already predicted")
     p.add_argument("--seed", type=int, default=0, help="seed for the MC-dropout masks (default 0)")
+    p.add_argument("--calibration", type=Path, help="calibration JSON from `nnunet-kaz calibrate`, applied to the "
+                                                    "mean probabilities before thresholding, maps and scores")
+    p.add_argument("--postprocessing", type=Path, help="post-processing chain JSON (threshold, closing, largest "
+                                                       "component, optional resize for KAZ BMP export)")
     p.add_argument("-device", "--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.set_defaults(func=_predict)

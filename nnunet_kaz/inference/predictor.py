@@ -71,7 +71,8 @@ class UncertaintyPredictor:
     """
 
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
-                 device: str | torch.device = "cpu", mc_batch: int = 8, seed: int = 0, verbose: bool = True):
+                 device: str | torch.device = "cpu", mc_batch: int = 8, seed: int = 0, verbose: bool = True,
+                 calibration=None, postprocessing=None):
         if not members:
             raise KazError("no ensemble members given")
         if mc < 0 or mc_batch < 1:
@@ -88,6 +89,9 @@ class UncertaintyPredictor:
         self.dataset_json = ref.dataset_json
         self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         self.regions = self.label_manager.has_regions
+        self.calibration, self.postprocessing = calibration, postprocessing
+        if calibration is not None and self.regions:
+            raise KazError("calibration applies to softmax outputs; these members were trained on regions")
         self._networks: dict[tuple, torch.nn.Module] = {}
         self.models = self._load_models()
 
@@ -162,6 +166,10 @@ class UncertaintyPredictor:
         """Maps in the input geometry and per-class scores."""
         geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
         probs = geo.probabilities(stats.mean, self.regions)
+        if self.calibration is not None:  # before thresholding, maps and scores (paper 000 section 2.3)
+            from nnunet_kaz.postprocessing import apply_calibration
+
+            probs = apply_calibration(probs, self.calibration)
         entropy = normalized_entropy(probs, self.regions).astype(np.float32)
         sample_entropy = geo.maps(stats.mean_entropy[None])[0]
         mi = np.clip(entropy - sample_entropy, 0.0, None)
@@ -211,8 +219,29 @@ class UncertaintyPredictor:
     def predict_case(self, image_files: list[str], out_stem: Path, progress: bool = False) -> dict:
         data, props = self.preprocess(image_files)
         result = self.finalize(self.sample_case(data, out_stem.name, progress), props)
+        result["segmentation"], result["export"] = self.segment(result["probabilities"], image_files, props)
         self.write_case(result, props, out_stem)
         return result
+
+    def segment(self, probs: np.ndarray, image_files: list[str], props: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        """The segmentation in the input geometry: nnU-Net's argmax (or region order), or the post-processing
+        chain without its resize step. With a resize step the whole chain also gives the export mask
+        (e.g. a KAZ slice at its original 510 x 788), returned second."""
+        dtype = np.uint8 if len(self.label_manager.foreground_labels) < 255 else np.uint16
+        chain = self.postprocessing
+        if chain is None:
+            return np.asarray(self.label_manager.convert_probabilities_to_segmentation(probs), dtype=dtype), None
+        from nnunet_kaz.postprocessing import PostprocessingChain, Resize
+
+        image = None
+        if any(getattr(st, "cyst_rule", None) == "intensity" for st in chain.steps):
+            image, _ = self.plans_manager.image_reader_writer_class().read_images(image_files)
+        spacing = [float(v) for v in props["spacing"]]
+        in_geometry = PostprocessingChain([st for st in chain.steps if not isinstance(st, Resize)])
+        seg = in_geometry.apply(probs, image, spacing).segmentation.astype(dtype)
+        export = chain.apply(probs, image, spacing).segmentation if len(in_geometry.steps) < len(chain.steps) \
+            else None
+        return seg, export
 
     def write_case(self, result: dict, props: dict, out_stem: Path) -> None:
         ending = self.dataset_json["file_ending"]
@@ -228,12 +257,20 @@ class UncertaintyPredictor:
         rows = [{"case": case, **r} for r in result["scores"]]
         with atomic_path(out_stem.with_name(f"{case}_scores.json")) as tmp:
             tmp.write_text(json.dumps(rows, indent=1))
-        seg = self.label_manager.convert_probabilities_to_segmentation(probs)
-        seg = np.asarray(seg, dtype=np.uint8 if len(self.label_manager.foreground_labels) < 255 else np.uint16)
-        write_segmentation(self.plans_manager.image_reader_writer_class(), seg,
+        if result.get("export") is not None:
+            from nnunet_kaz.postprocessing import write_kaz_bmp
+
+            write_kaz_bmp(result["export"], out_stem.parent / "kaz_export" / f"{case}.bmp")
+        write_segmentation(self.plans_manager.image_reader_writer_class(), result["segmentation"],
                            out_stem.with_name(f"{case}{ending}"), props)
 
     def _write_run_info(self, output_dir: Path) -> None:
+        if self.postprocessing is not None:
+            self.postprocessing.save(output_dir / "postprocessing.json")
+        if self.calibration is not None:
+            from nnunet_kaz.postprocessing import save_calibrator
+
+            save_calibrator(self.calibration, output_dir / "calibration.json")
         write_json_atomic(self.dataset_json, output_dir / "dataset.json")
         write_json_atomic(self.plans_manager.plans, output_dir / "plans.json")
         write_json_atomic({"members": [{"folder": str(m.folder), "checkpoints": [str(c) for c in m.checkpoints]}

@@ -57,15 +57,16 @@ _short = [
             DEBUG),
     variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
             DEBUG),
-    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 20 x 20 iterations.",
-            DEMO),
+    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 20 epochs x 20 "
+            "iterations, features capped at 64.", DEMO, max_features=64),
     variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
     variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
             SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
     variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_debug", "XBoundNetTrainerSGDR for tests: cycles end at 3, 6.",
             SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
     variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_demo", "XBoundNetTrainerSGDR for the demo: cycles end at "
-            "epochs 8 and 24, top-3 of the last 4 epochs of each.", SGDR_DEMO, **SGDR_DEMO_ATTRS),
+            "epochs 8 and 24, top-3 of the last 4 epochs of each, features capped at 64.", SGDR_DEMO,
+            max_features=64, **SGDR_DEMO_ATTRS),
 ]
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
                     f"nnU-Net's network with dropout p = {p} after every convolution.", dropout_p=p)

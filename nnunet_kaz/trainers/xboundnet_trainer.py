@@ -20,13 +20,17 @@ PLANS_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "stri
 
 
 def build_xboundnet_from_plans(configuration_manager: ConfigurationManager, num_input_channels: int,
-                               num_output_channels: int, deep_supervision: bool, **network_kwargs) -> nn.Module:
-    """XBoundNet++ with the stages, features, strides and kernels of the configuration's planned U-Net."""
+                               num_output_channels: int, deep_supervision: bool, max_features: int | None = None,
+                               **network_kwargs) -> nn.Module:
+    """XBoundNet++ with the stages, features, strides and kernels of the configuration's planned U-Net
+    (features capped at `max_features` when given, e.g. for CPU demos)."""
     plan_kwargs = configuration_manager.network_arch_init_kwargs
     missing = [k for k in PLANS_KEYS[:5] if k not in plan_kwargs]
     if missing:
         raise ValueError(f"plans configuration lacks {missing}; XBoundNet++ needs a U-Net-like plan")
     kwargs = {k: plan_kwargs[k] for k in PLANS_KEYS if k in plan_kwargs}
+    if max_features is not None:
+        kwargs["features_per_stage"] = [min(int(f), max_features) for f in kwargs["features_per_stage"]]
     requires_import = [k for k in configuration_manager.network_arch_init_kwargs_req_import if k in kwargs]
     kwargs.update(network_kwargs)
     return get_network_from_plans(XBOUNDNET_CLASS, kwargs, requires_import, num_input_channels,
@@ -47,10 +51,12 @@ class XBoundNetTrainer(nnUNetTrainer):
     Class attributes (subclass to change, as nnU-Net users do):
     - `logdice_alpha`: weight of the LogDice term; CE (or BCE for regions) gets 1 - alpha.
     - `network_kwargs`: extra XBoundNet arguments (e.g. `{"dropout_p": 0.0}` or other ASPP dilations).
+    - `max_features`: cap on the planned features per stage (None: as planned).
     """
 
     logdice_alpha: float = 0.7
     network_kwargs: dict = {}
+    max_features: int | None = None
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -59,7 +65,7 @@ class XBoundNetTrainer(nnUNetTrainer):
         # a classmethod (nnU-Net's is static) so subclasses change the network through class attributes and
         # inference, which calls this on the trainer class, rebuilds exactly the trained network
         return build_xboundnet_from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                          enable_deep_supervision, **cls.network_kwargs)
+                                          enable_deep_supervision, cls.max_features, **cls.network_kwargs)
 
     def _build_loss(self) -> nn.Module:
         loss = build_logdice_ce_loss(self.label_manager.has_regions, self.configuration_manager.batch_dice,
