@@ -172,3 +172,22 @@ def test_splits_for_a_phantom_dataset(tmp_path):
         write_dataset_splits(909, raw_root=raw, preprocessed_root=pre)
     with pytest.raises(KazError, match="exists"):
         write_dataset_splits(908, raw_root=raw, preprocessed_root=pre)
+
+
+def test_held_out_test_patients_go_to_imagests_and_no_fold(tmp_path):
+    import json as _json
+
+    from nnunet_kaz.datasets import write_kaz2d_bmp_folders
+    from nnunet_kaz.datasets.kaz_convert import convert_kaz
+
+    bmp = write_kaz2d_bmp_folders(tmp_path / "bmp", 7, seed=3, image_size=(40, 52), slices_per_patient=2)
+    out = convert_kaz(bmp / "images", bmp / "masks", 612, "Held", resize=(32, 32), truth=bmp / "truth",
+                      raw_root=tmp_path / "raw", preprocessed_root=tmp_path / "pre", test_patients=2)
+    test_cases = sorted(p.name for p in (out / "imagesTs").iterdir())
+    assert test_cases == ["Held_P006_a000_0000.png", "Held_P006_a090_0000.png",
+                          "Held_P007_a000_0000.png", "Held_P007_a090_0000.png"]
+    assert len(list((out / "labelsTs").iterdir())) == 4 and len(list((out / "truthTs").iterdir())) == 4
+    assert _json.loads((out / "dataset.json").read_text())["numTraining"] == 10
+    splits = _json.loads((tmp_path / "pre" / out.name / "splits_final.json").read_text())
+    in_folds = {c for s in splits for c in s["train"] + s["val"]}
+    assert not any("P006" in c or "P007" in c for c in in_folds) and len(in_folds) == 10

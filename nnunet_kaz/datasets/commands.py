@@ -75,7 +75,8 @@ def _convert_kaz(args: argparse.Namespace) -> int:
     from nnunet_kaz.datasets.kaz_convert import DEFAULT_PATTERN, convert_kaz
 
     out = convert_kaz(args.images, args.masks, args.id, args.name, args.pattern or DEFAULT_PATTERN, _size(args.resize, "--resize"),
-                      args.truth, n_folds=args.folds, seed=args.seed, overwrite=args.overwrite)
+                      args.truth, n_folds=args.folds, seed=args.seed, overwrite=args.overwrite,
+                      test_patients=args.test_patients)
     print(f"wrote {out} and patient-wise splits in $nnUNet_preprocessed/{out.name}/ "
           f"(splits_final.json, nested_cv/)")
     return 0
@@ -123,6 +124,7 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", type=int, nargs="+", metavar="N", help="resize slices to N x N (or H W); "
                                                                       "paper 000 uses 256")
     p.add_argument("--folds", type=int, default=5, help="patient-wise folds (default 5)")
+    p.add_argument("--test-patients", type=int, default=0, help="hold the last K patients out as imagesTs/labelsTs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient shuffling (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset and its splits")
     p.set_defaults(func=_convert_kaz)

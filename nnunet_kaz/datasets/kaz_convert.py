@@ -140,6 +140,9 @@ def scan_kaz_folders(images: Path, masks: Path, pattern: str = DEFAULT_PATTERN, 
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int] | None, is_mask: bool) -> np.ndarray:
+    """Images: PIL's Lanczos, which widens its kernel when shrinking (anti-aliasing; OpenCV's Lanczos-4, used
+    for the export back to the original size, does not, and would alias a 510 x 788 -> 256 x 256 shrink);
+    masks: nearest."""
     if size is None or tuple(arr.shape) == tuple(size):
         return arr
     im = Image.fromarray(arr)
@@ -150,12 +153,13 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
                 pattern: str = DEFAULT_PATTERN, resize: tuple[int, int] | None = None,
                 truth: str | Path | None = None, raw_root: str | Path | None = None,
                 preprocessed_root: str | Path | None = None, n_folds: int = 5, seed: int = 0,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, test_patients: int = 0) -> Path:
     """Convert KAZ slices to `raw_root/DatasetXXX_Name` and write patient-wise splits under
     `preprocessed_root/DatasetXXX_Name`. Roots default to $nnUNet_raw and $nnUNet_preprocessed.
 
     `resize` (H, W) resizes every slice (paper 000: 256 x 256); None keeps the original sizes.
-    Case names are `{name}_{patient}_{angle_tag}`. Returns the raw dataset folder.
+    Case names are `{name}_{patient}_{angle_tag}`. `test_patients` = K holds the last K patients (sorted by
+    id) out: their slices go to imagesTs/labelsTs(/truthTs) and into no fold. Returns the raw dataset folder.
     """
     from nnunet_kaz.paths import nnunet_folder
 
@@ -169,33 +173,41 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
     if resize is not None and (len(resize) != 2 or min(resize) < 8):
         raise KazError(f"--resize takes a size >= 8 (N or H W), got {resize}")
     records = scan_kaz_folders(Path(images), Path(masks), pattern, Path(truth) if truth else None)
-    patient_groups([r["patient"] for r in records], n_folds, seed)  # enough patients for the folds?
+    patients = sorted({r["patient"] for r in records})
+    if not 0 <= test_patients < len(patients):
+        raise KazError(f"--test-patients {test_patients}: need fewer than the {len(patients)} patients found")
+    held_out = set(patients[len(patients) - test_patients:]) if test_patients else set()
+    patient_groups([r["patient"] for r in records if r["patient"] not in held_out], n_folds, seed)
 
     cases: dict[str, dict] = {}
     with atomic_dir(target) as tmp:
-        subdirs = ["imagesTr", "labelsTr"] + (["truthTr"] if truth else [])
-        for d in subdirs:
-            (tmp / d).mkdir()
+        for part in ("Tr", "Ts") if held_out else ("Tr",):
+            for d in ["images", "labels"] + (["truth"] if truth else []):
+                (tmp / f"{d}{part}").mkdir()
         for rec in tqdm(records, desc="writing slices", unit="slice", disable=len(records) < 200):
             case = f"{name}_{_safe_patient(rec['patient'])}_{angle_tag(rec['angle'])}"
+            part = "Ts" if rec["patient"] in held_out else "Tr"
             img = _resize(read_gray(rec["image"]), resize, False)
-            Image.fromarray(img).save(tmp / "imagesTr" / f"{case}_0000.png")
-            for what, sub in (("mask", "labelsTr"), ("truth", "truthTr")):
+            Image.fromarray(img).save(tmp / f"images{part}" / f"{case}_0000.png")
+            for what, sub in (("mask", "labels"), ("truth", "truth")):
                 if what in rec:
                     lab = _resize((read_gray(rec[what]) > 0).astype(np.uint8), resize, True)
-                    Image.fromarray(lab).save(tmp / sub / f"{case}.png")
+                    Image.fromarray(lab).save(tmp / f"{sub}{part}" / f"{case}.png")
             cases[case] = {"patient": rec["patient"], "angle": rec["angle"], "original_size": rec["original_size"],
+                           "split": "test" if part == "Ts" else "train",
                            "size": list(img.shape), "image": str(Path(rec["image"]).resolve()),
                            "mask": str(Path(rec["mask"]).resolve())}
             if "truth" in rec:
                 cases[case]["truth"] = str(Path(rec["truth"]).resolve())
-        write_json_atomic(dataset_json({"0": "zscore"}, {"background": 0, "ablation_zone": 1}, len(cases), ".png",
+        n_train = sum(c["split"] == "train" for c in cases.values())
+        write_json_atomic(dataset_json({"0": "zscore"}, {"background": 0, "ablation_zone": 1}, n_train, ".png",
                                        name, "KAZ radial CT slices converted by nnunet-kaz convert-kaz"),
                           tmp / "dataset.json")
         write_json_atomic({"pattern": pattern, "resize": list(resize) if resize else None,
                            "resampling": {"image": "PIL Lanczos (a=3)", "mask": "nearest"},
                            "size_order": "H, W (rows, columns)", "cases": cases}, tmp / META_FILE)
-    write_patient_splits(pre_root / folder, {c: v["patient"] for c, v in cases.items()}, n_folds, seed)
+    write_patient_splits(pre_root / folder, {c: v["patient"] for c, v in cases.items() if v["split"] == "train"},
+                         n_folds, seed)
     return target
 
 
