@@ -49,7 +49,7 @@ def streamed(p, y, n_bins=15, chunks=7):
 @pytest.mark.parametrize("n_bins", [15, 10, 7])
 def test_ece_mce_brier_equal_direct_and_torchmetrics(n_bins):
     rng = np.random.default_rng(n_bins)
-    p, y = miscalibrated(rng, 200_003)
+    p, y = miscalibrated(rng, 600_003)  # several internal blocks of 2^18
     h = streamed(p, y, n_bins)
     assert h.n == p.size
     assert h.ece() == pytest.approx(direct_ece(p, y, n_bins), abs=1e-12)

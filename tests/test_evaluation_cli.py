@@ -109,8 +109,9 @@ def test_evaluate_nifti_folder(dataset, tmp_path, capsys):
     assert "label 1: dice" in printed and "AUROC" in printed
     # running again replaces the earlier evaluation; only the metrics: no calibration files remain
     assert main(["evaluate", "--pred", str(dataset / "pred"), "--gt", str(dataset / "gt"), "--labels", "1", "-q",
-                 "-o", str(out)]) == 0
+                 "--scores", str(dataset / "pred/scores.csv"), "-o", str(out)]) == 0
     assert not (out / "calibration.csv").exists() and set(pd.read_csv(out / "metrics.csv")["label"]) == {1}
+    assert set(pd.read_csv(out / "score_correlations.csv")["label"]) == {1}   # label 2's scores left out
 
 
 def test_evaluate_png_folder(tmp_path):
@@ -129,6 +130,16 @@ def test_evaluate_png_folder(tmp_path):
     assert m["hd"] == pytest.approx(3.0) and m["dice"] == pytest.approx(17 / 20)   # pixels (spacing 1)
     cal = pd.read_csv(tmp_path / "out" / "calibration.csv", dtype={"class": str})
     assert list(cal["class"]) == ["1", "1"] and cal.loc[0, "n_voxels"] == 40 * 50
+    # the predictor's {case}_uncertainty.npz: several maps, chosen by key; (C, 1, H, W) variance -> max over C
+    errors = pred != gt
+    variance = np.stack([np.zeros_like(p1), errors.astype(np.float32)])[:, None]
+    np.savez_compressed(tmp_path / "pred" / "kaz_01_uncertainty.npz", entropy=1 - errors.astype(np.float32),
+                        variance=variance)
+    for key, want in (("variance", 1.0), ("entropy", 0.0)):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--uncertainty",
+                     str(tmp_path / "pred"), "--uncertainty-key", key, "-q", "-o", str(tmp_path / "out")]) == 0
+        auroc = pd.read_csv(tmp_path / "out" / "uncertainty_auroc.csv").set_index("scope")
+        assert auroc.loc["all", "auroc"] == want and key in auroc.loc["all", "uncertainty"]
 
 
 def run_error(argv, capsys) -> str:

@@ -108,6 +108,7 @@ class EvaluationResult:
     threshold_summary: pd.DataFrame | None = None
     auroc: dict[str, ErrorAuroc] = field(default_factory=dict)
     correlations: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None
     figures: list[dict] = field(default_factory=list)
     uncertainty_source: str | None = None
 
@@ -263,8 +264,9 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         result.uncertainty_source = (f"{plan.settings.uncertainty_key} from {plan.settings.uncertainty_pattern}"
                                      if any(p.uncertainty for p in plan.pairs)
                                      else "normalized entropy of the mean probability")
-    if plan.scores is not None:
-        result.correlations = score_correlations(plan.scores, metrics)
+    if plan.scores is not None:  # scores of labels not evaluated (--labels) have no Dice to correlate with
+        result.scores = plan.scores[plan.scores["label"].isin(labels)]
+        result.correlations = score_correlations(result.scores, metrics)
     return result
 
 
@@ -356,7 +358,7 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
                                title=f"{f['case']}, label {f['label']}{where}")
     if result.correlations is not None:
         result.correlations.to_csv(folder / "score_correlations.csv", index=False)
-        score_scatter(result.plan.scores, result.metrics, folder / "score_scatter.png")
+        score_scatter(result.scores, result.metrics, folder / "score_scatter.png")
     info = {"settings": asdict(result.plan.settings), "inputs": result.plan.sources, "labels": result.labels,
             "cases": [p.case for p in result.plan.pairs], "nan_counts": result.nan_counts(),
             "uncertainty": result.uncertainty_source}

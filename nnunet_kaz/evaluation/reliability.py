@@ -40,7 +40,8 @@ def reliability_diagram(histograms: dict[str, ReliabilityHistogram], path: Path,
                                 fontsize=6, rotation=90)
         else:
             top.plot(b["confidence"], b["accuracy"], "o-", ms=3, lw=1.2, label=label, color=f"C{i}")
-            bottom.step(b["lower"], b["count"], where="post", lw=1.2, color=f"C{i}")
+            bottom.step(np.r_[b["lower"], 1.0], np.r_[b["count"], b["count"].iloc[-1]], where="post", lw=1.2,
+                        color=f"C{i}")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy (observed frequency)")

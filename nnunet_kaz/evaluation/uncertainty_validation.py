@@ -81,7 +81,10 @@ class ErrorAuroc:
             return
         if not (u.min() >= 0 and np.isfinite(u.max())):
             raise ValueError("uncertainty values must be finite and >= 0")
-        self._hist += np.bincount(2 * nonnegative_key(u) + e.view(np.uint8), minlength=self._hist.size)
+        key = nonnegative_key(u)
+        key <<= 1
+        key += e.view(np.uint8)
+        self._hist += np.bincount(key, minlength=self._hist.size)
 
     def merge(self, other: "ErrorAuroc") -> "ErrorAuroc":
         self._hist += other._hist
