@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_kaz.trainers.augmentation import PaperDAMixin
 from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
+from nnunet_kaz.trainers.weighted_ce import XBoundNetTrainerWCE, nnUNetTrainerWCE
 from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, XBoundNetTrainer_Adam
 
 SEEDS = range(5)
@@ -68,6 +70,15 @@ _short = [
             "epochs 8 and 24, top-3 of the last 4 epochs of each, features capped at 64.", SGDR_DEMO,
             max_features=64, **SGDR_DEMO_ATTRS),
 ]
+# loss and augmentation variants (issue 3 item 6)
+_loss_da = [
+    variant(nnUNetTrainerWCE, "nnUNetTrainerWCE_debug", "nnUNetTrainerWCE for tests.", DEBUG),
+    variant(XBoundNetTrainerWCE, "XBoundNetTrainerWCE_debug", "XBoundNetTrainerWCE for tests.", DEBUG),
+    variant(XBoundNetTrainer, "XBoundNetTrainer_paperDA", "XBoundNetTrainer with paper 000's augmentation recipe "
+            "(30% spatial: flip, +-10% shift, +-20 deg, zoom 0.9-1.1; 30% contrast 0.8-1.2).", mixins=(PaperDAMixin,)),
+]
+variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
+        "XBoundNetTrainer_paperDA for tests.", DEBUG)
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
                     f"nnU-Net's network with dropout p = {p} after every convolution.", dropout_p=p)
             for tag, p in DROPOUT_RATES.items()]
