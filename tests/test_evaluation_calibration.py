@@ -199,3 +199,27 @@ def test_score_correlations_equal_scipy():
     assert c.loc["cv", "n"] == 11 and c.loc["cv", "n_dropped"] == 1
     assert c.loc["cv", "spearman_rho"] == pytest.approx(spearmanr(scores["cv"][1:], dice[1:]).statistic)
     assert set(c.index) == {"mean_entropy", "cv"}
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_entropy_matches_the_uncertainty_package(n_classes):
+    from nnunet_kaz.evaluation.uncertainty_validation import normalized_entropy32
+    from nnunet_kaz.uncertainty import normalized_entropy
+
+    rng = np.random.default_rng(n_classes)
+    logits = rng.normal(0, 3, (n_classes, 20, 30)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    probs[:, 0, 0] = np.eye(n_classes)[0]          # a certain voxel: 0 log 0 = 0
+    h = normalized_entropy32(probs)
+    assert h.dtype == np.float32 and h[0, 0] == 0 and h.max() <= 1 + 1e-6
+    np.testing.assert_allclose(h, normalized_entropy(probs), atol=2e-6)
+
+
+def test_labels_present():
+    from nnunet_kaz.evaluation.cases import labels_present
+
+    seg = np.zeros((5, 6), np.uint8)
+    seg[1, 1], seg[2, 2] = 3, 1
+    assert labels_present(seg) == {1, 3}
+    seg[0, 0] = 200
+    assert labels_present(seg) == {1, 3, 200} and labels_present(np.zeros(3, np.uint8)) == set()

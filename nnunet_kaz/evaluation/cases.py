@@ -140,9 +140,13 @@ def read_segmentation(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return arr, spacing
 
 
-def label_counts(seg: np.ndarray) -> np.ndarray:
-    """Voxel count of every label value 0..max (bincount: much faster than np.unique on a large volume)."""
-    return np.bincount(seg.ravel(), minlength=1) if seg.size else np.zeros(1, dtype=np.int64)
+def labels_present(seg: np.ndarray) -> set[int]:
+    """Label values > 0 present in a segmentation. One comparison pass per value up to the maximum when it is
+    small (a 67M-voxel CT: ~30 ms), bincount otherwise (which first copies the volume to 8-byte integers)."""
+    top = int(seg.max()) if seg.size else 0
+    if top <= 32:
+        return {v for v in range(1, top + 1) if (seg == v).any()}
+    return {int(v) for v in np.flatnonzero(np.bincount(seg.ravel())) if v > 0}
 
 
 def npz_array_shape(path: Path, key: str = "probabilities") -> tuple[int, ...]:

@@ -4,7 +4,7 @@
 cases one at a time (a 3D dataset is never in memory at once; calibration and AUROC keep histograms only);
 `write` puts every output into the output folder at once, so an interrupted or failed run leaves nothing.
 
-Outputs (see the README of each module for the definitions):
+Outputs (definitions in the docstrings of the modules named):
 - metrics.csv: case, label, dice, jaccard, precision, recall, specificity, rvd (overlap.py), hd, hd95, assd,
   mad, msd (surface.py, physical units from the image spacing);
 - summary.csv: per label and over all rows (`all`): mean, std (ddof 1), median, n (finite values used) and
@@ -33,7 +33,7 @@ from nnunet_kaz.evaluation.cases import (
     CasePair,
     dataset_labels,
     find_dataset_json,
-    label_counts,
+    labels_present,
     load_probabilities,
     load_uncertainty,
     match_cases,
@@ -47,6 +47,7 @@ from nnunet_kaz.evaluation.uncertainty_validation import (
     THRESHOLDS,
     ErrorAuroc,
     figure_slice,
+    normalized_entropy32,
     scaled_uncertainty,
     threshold_counts,
     uncertainty_figure,
@@ -176,6 +177,33 @@ def _empty_row() -> dict[str, float]:
     return {**metrics_from_counts(ConfusionCounts(0, 0, 0, 1)), **{k: 0.0 for k in SURFACE_METRICS}}
 
 
+def _label_metrics(pred: np.ndarray, gt: np.ndarray, label: int, spacing: tuple[float, ...],
+                   present: set[int]) -> dict[str, float]:
+    """Overlap and surface metrics of one label of one case (the constant empty row when it is in neither)."""
+    if label not in present:
+        return _empty_row()
+    p, g = pred == label, gt == label
+    return {**metrics_from_counts(ConfusionCounts.of(p, g)), **surface_metrics(p, g, spacing)}
+
+
+def _figure_panels(pair: CasePair, gt: np.ndarray, pred: np.ndarray, probs: np.ndarray, u100: np.ndarray,
+                   labels: list[int]) -> list[dict]:
+    """The 2D arrays of the uncertainty figure of each label (3D: the axis-0 slice with most foreground)."""
+    z = figure_slice(gt, pred)
+
+    def sl(a: np.ndarray) -> np.ndarray:
+        return a if z is None else a[z]
+
+    image = None
+    if pair.image is not None:
+        image = read_array(pair.image)[0].astype(np.float32)
+        if image.ndim == gt.ndim + 1:  # RGB(A) natural image: grey
+            image = image[..., :3].mean(-1)
+        image = sl(image) if image.shape == gt.shape else None
+    return [{"case": pair.case, "label": lab, "slice": z, "gt": sl(gt) == lab, "pred": sl(pred) == lab,
+             "prob": sl(probs[lab]), "u100": sl(u100), "image": image} for lab in labels]
+
+
 def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
     """Compute every output of `plan`, one case at a time (nothing is written)."""
     from tqdm import tqdm
@@ -195,16 +223,11 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         pred, _ = read_segmentation(pair.pred)
         if gt.shape != pred.shape:
             raise KazError(f"{pair.case}: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-        present = np.flatnonzero(_padded_sum(label_counts(gt), label_counts(pred)))
-        seen.update(int(v) for v in present if v > 0)
-        labels = plan.labels if plan.labels is not None else [int(v) for v in present if v > 0]
-        for lab in labels:
-            if lab not in present:
-                metrics = _empty_row()
-            else:
-                p, g = pred == lab, gt == lab
-                metrics = {**metrics_from_counts(ConfusionCounts.of(p, g)), **surface_metrics(p, g, spacing)}
-            rows.append({"case": pair.case, "label": lab, **metrics})
+        present = labels_present(gt) | labels_present(pred)
+        seen |= present
+        labels = plan.labels if plan.labels is not None else sorted(present)
+        rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present)}
+                 for lab in labels]
         if not use_unc:
             continue
         probs = None
@@ -213,7 +236,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             n_classes = n_classes or probs.shape[0]
             if probs.shape[0] != n_classes:
                 raise KazError(f"{pair.probs}: {probs.shape[0]} classes, earlier cases had {n_classes}")
-            top = int(max(present.max(initial=0), max(labels, default=0)))
+            top = max(present | set(labels), default=0)
             if top >= probs.shape[0]:
                 raise KazError(f"{pair.probs}: {probs.shape[0]} probability channels but label {top} occurs")
         roi = roi_mask(gt, pred, spacing, s.roi_margin)
@@ -224,9 +247,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         if pair.uncertainty is not None:
             u = load_uncertainty(pair.uncertainty, gt.shape, s.uncertainty_key)
         elif probs is not None:
-            from nnunet_kaz.uncertainty.measures import normalized_entropy
-
-            u = np.asarray(normalized_entropy(probs), dtype=np.float32)
+            u = normalized_entropy32(probs)
         else:
             continue
         error = pred != gt
@@ -237,17 +258,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             for r in threshold_counts(pred == lab, gt == lab, u100, s.thresholds):
                 threshold_rows.append({"case": pair.case, "label": lab, **r})
         if i < s.figure_cases and probs is not None:
-            z = figure_slice(gt, pred)
-            sl = (lambda a: a) if z is None else (lambda a: a[z])
-            image = None
-            if pair.image is not None:
-                image = read_array(pair.image)[0].astype(np.float32)
-                if image.ndim == gt.ndim + 1:  # RGB(A) natural image: grey
-                    image = image[..., :3].mean(-1)
-                image = sl(image) if image.shape == gt.shape else None
-            for lab in labels:
-                figures.append({"case": pair.case, "label": lab, "slice": z, "gt": sl(gt) == lab,
-                                "pred": sl(pred) == lab, "prob": sl(probs[lab]), "u100": sl(u100), "image": image})
+            figures += _figure_panels(pair, gt, pred, probs, u100, labels)
     labels = plan.labels if plan.labels is not None else sorted(seen)
     if plan.settings.labels is not None:
         absent = [v for v in plan.settings.labels if v not in seen]
@@ -268,11 +279,6 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         result.scores = plan.scores[plan.scores["label"].isin(labels)]
         result.correlations = score_correlations(result.scores, metrics)
     return result
-
-
-def _padded_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    n = max(a.size, b.size)
-    return np.pad(a, (0, n - a.size)) + np.pad(b, (0, n - b.size))
 
 
 def _complete(metrics: pd.DataFrame, cases: list[str], labels: list[int]) -> pd.DataFrame:
