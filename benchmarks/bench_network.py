@@ -56,6 +56,15 @@ def median_step_seconds(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Te
 
 
 def run() -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: stable figures on a shared machine (both networks alike)
+    try:
+        return _run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run() -> str:
     torch.manual_seed(0)
     rows = []
     for name, (dim, features, strides, patch, batch) in CASES.items():
@@ -75,7 +84,7 @@ def run() -> str:
         "Same nnU-Net plans kwargs (instance norm, LeakyReLU, stride-2 stages, deep supervision on) for both; "
         "XBoundNet++ with its defaults (ASPP 1/6/12/18, SE reduction 16, dropout 0.2 on the two deepest stages "
         f"and the bridge). Training step = forward + deep-supervised CE + backward + SGD, median of {N_TIMED} "
-        "after a warm-up, the two networks' steps alternating, CPU float32. Feature-map ratio = "
+        "after a warm-up, the two networks' steps alternating, CPU float32, one thread. Feature-map ratio = "
         "`compute_conv_feature_map_size` (what nnU-Net's planner uses to fit patch and batch size to VRAM).",
         "",
         "| case | batch x patch | features | PlainConvUNet params | XBoundNet++ params | params ratio | "
