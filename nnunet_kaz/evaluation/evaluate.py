@@ -47,12 +47,12 @@ from nnunet_kaz.evaluation.uncertainty_validation import (
     THRESHOLDS,
     ErrorAuroc,
     figure_slice,
-    normalized_entropy32,
     scaled_uncertainty,
     threshold_counts,
     uncertainty_figure,
 )
 from nnunet_kaz.io_utils import atomic_dir
+from nnunet_kaz.uncertainty import normalized_entropy
 
 METRIC_COLUMNS = OVERLAP_METRICS + SURFACE_METRICS
 MARKER = "evaluation.json"
@@ -247,7 +247,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         if pair.uncertainty is not None:
             u = load_uncertainty(pair.uncertainty, gt.shape, s.uncertainty_key)
         elif probs is not None:
-            u = normalized_entropy32(probs)
+            u = normalized_entropy(np.asarray(probs, dtype=np.float32))
         else:
             continue
         error = pred != gt

@@ -19,12 +19,12 @@ from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, XBoundNetTra
 SEEDS = range(5)
 DROPOUT_RATES = {"p01": 0.1, "p02": 0.2, "p03": 0.3, "p05": 0.5}
 DEBUG = dict(num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2)
-DEMO = dict(num_epochs=20, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
+DEMO = dict(num_epochs=10, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
 # SGDR short runs: two cycles each, snapshots from the last epochs of each cycle
 SGDR_DEBUG = dict(num_epochs=6, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
 SGDR_DEBUG_ATTRS = dict(sgdr_cycle_ends=(3, 6), snapshot_window=2, snapshot_top_k=2)
-SGDR_DEMO = dict(num_epochs=24, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
-SGDR_DEMO_ATTRS = dict(sgdr_cycle_ends=(8, 24), snapshot_window=4, snapshot_top_k=3)
+SGDR_DEMO = dict(num_epochs=12, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
+SGDR_DEMO_ATTRS = dict(sgdr_cycle_ends=(4, 12), snapshot_window=3, snapshot_top_k=2)
 
 _registry: dict[str, type] = {}
 
@@ -59,16 +59,16 @@ _short = [
             DEBUG),
     variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
             DEBUG),
-    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 20 epochs x 20 "
-            "iterations, features capped at 64.", DEMO, max_features=64),
+    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 10 epochs x 12 "
+            "iterations, features capped at 32.", DEMO, max_features=32),
     variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
     variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
             SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
     variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_debug", "XBoundNetTrainerSGDR for tests: cycles end at 3, 6.",
             SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
     variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_demo", "XBoundNetTrainerSGDR for the demo: cycles end at "
-            "epochs 8 and 24, top-3 of the last 4 epochs of each, features capped at 64.", SGDR_DEMO,
-            max_features=64, **SGDR_DEMO_ATTRS),
+            "epochs 4 and 12, top-2 of the last 3 epochs of each, features capped at 32.", SGDR_DEMO,
+            max_features=32, **SGDR_DEMO_ATTRS),
 ]
 # loss and augmentation variants (issue 3 item 6)
 _loss_da = [
