@@ -1,13 +1,26 @@
-"""`nnunet-kaz demo` / `make demo`: the main job end to end on a generated KAZ-like phantom.
+"""`nnunet-kaz demo` / `make demo`: the whole mission end to end on a generated KAZ-like phantom.
 
-Every step runs the real command a user would type (printed before it runs), inside `OUT/`:
-`OUT/nnUNet_raw`, `OUT/nnUNet_preprocessed`, `OUT/nnUNet_results` are the nnU-Net folders. A step whose
-outputs exist is skipped, so a second run reuses finished work (`--fresh` starts over).
+Every step runs the command a user would type (printed before it runs), inside OUT:
+1. phantom KAZ slices as BMP folders (images/, masks/ = rough annotations, truth/ = true zones);
+2. `nnunet-kaz convert-kaz` -> nnU-Net raw dataset, patient-wise splits, held-out test patients;
+3. `nnUNetv2_plan_and_preprocess` (stock);
+4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1 (`--npz` for calibration), and
+   `-tr XBoundNetTrainerSGDR_demo` (two SGDR cycles, snapshots);
+5. `nnunet-kaz calibrate` on the validation probabilities;
+6. `nnunet-kaz predict` for each method: single model, fold ensemble, MC dropout, seed ensemble, SGDR
+   snapshots, 2 seeds x 2 folds x MC dropout, and the same calibrated and post-processed;
+7. `nnunet-kaz compare` (metrics, ECE, reliability diagrams, uncertainty against error, scores against Dice);
+8. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
+9. `report.html`, self-contained.
+OUT/nnUNet_raw, OUT/nnUNet_preprocessed and OUT/nnUNet_results are the nnU-Net folders. A step whose outputs
+exist is skipped, so a second run reuses finished work (`--fresh` starts over).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,10 +28,17 @@ import time
 from pathlib import Path
 
 DATASET_ID = 501
-DATASET = f"Dataset{DATASET_ID:03d}_KazPhantom"
+NAME = "KazPhantom"
+DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
 CONFIG = "2d"
-TRAINER = "XBoundNetTrainer_demo"
 PLANS = "nnUNetPlans"
+SEEDS = (0, 1)
+FOLDS = (0, 1)
+SGDR = "XBoundNetTrainerSGDR_demo"
+
+
+def seeded(seed: int) -> str:
+    return f"XBoundNetTrainer_demo_seed{seed}"
 
 
 def _bin(name: str) -> str:
@@ -28,105 +48,174 @@ def _bin(name: str) -> str:
 
 
 class Demo:
-    def __init__(self, out: Path, n_patients: int, n_test_patients: int, image_size: int, seed: int):
+    def __init__(self, out: Path, n_patients: int, n_test: int, size: int, original: tuple[int, int], seed: int,
+                 mc: int):
         self.out = out.resolve()
-        self.n_patients, self.n_test, self.size, self.seed = n_patients, n_test_patients, image_size, seed
+        self.n_patients, self.n_test, self.size, self.original, self.seed, self.mc = \
+            n_patients, n_test, size, original, seed, mc
         self.raw = self.out / "nnUNet_raw"
         self.pre = self.out / "nnUNet_preprocessed"
         self.res = self.out / "nnUNet_results"
+        self.dataset = self.raw / DATASET
         self.t0 = time.time()
+        self.timings: list[tuple[str, float]] = []
 
     # --- plumbing -------------------------------------------------------------------------------------
     @property
     def env(self) -> dict[str, str]:
         from nnunet_kaz.paths import trainer_dir
 
-        env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
-                   nnUNet_results=str(self.res), nnUNet_extTrainer=str(trainer_dir()), nnUNet_compile="f",
-                   nnUNet_def_n_proc="1")
-        env.setdefault("nnUNet_n_proc_DA", "1")
-        return env
+        return dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
+                    nnUNet_results=str(self.res), nnUNet_extTrainer=str(trainer_dir()), nnUNet_compile="f",
+                    nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")
 
     def step(self, title: str, done: Path | None = None) -> bool:
         """Announce a step; return False (and say so) when `done` already exists."""
         elapsed = time.time() - self.t0
         if done is not None and done.exists():
-            print(f"\n[{elapsed:6.0f}s] {title}: already done ({done.relative_to(self.out)}), reusing", flush=True)
+            print(f"\n[{elapsed:5.0f}s] {title}: done before ({done.relative_to(self.out)}), reused", flush=True)
             return False
-        print(f"\n[{elapsed:6.0f}s] {title}", flush=True)
+        print(f"\n[{elapsed:5.0f}s] {title}", flush=True)
         return True
 
-    def run(self, cmd: list[str], **env_overrides: str) -> None:
-        print("  $ " + " ".join(cmd), flush=True)
-        proc = subprocess.run([_bin(cmd[0]), *cmd[1:]], env=dict(self.env, **env_overrides))
+    def run(self, cmd: list[str], quiet: bool = False, **env_overrides: str) -> None:
+        print("  $ " + shlex.join(cmd), flush=True)
+        start = time.time()
+        proc = subprocess.run([_bin(cmd[0]), *cmd[1:]], env=dict(self.env, **env_overrides),
+                              stdout=subprocess.DEVNULL if quiet else None)
+        self.timings.append((shlex.join(cmd[:2]), time.time() - start))
         if proc.returncode != 0:
-            raise SystemExit(f"demo: step failed (exit {proc.returncode}): {' '.join(cmd)}")
+            raise SystemExit(f"demo: step failed (exit {proc.returncode}): {shlex.join(cmd)}")
+
+    def results(self, trainer: str) -> Path:
+        return self.res / DATASET / f"{trainer}__{PLANS}__{CONFIG}"
 
     # --- steps ----------------------------------------------------------------------------------------
     def make_data(self) -> None:
-        from nnunet_kaz.datasets import make_kaz2d_dataset
-
-        target = self.raw / DATASET
-        if self.step("1. Generate a KAZ-like phantom (radial CT slices, rough annotations)", target / "dataset.json"):
-            make_kaz2d_dataset(target, n_patients=self.n_patients, seed=self.seed,
-                               image_size=(self.size, self.size), n_test_patients=self.n_test)
-            print(f"  wrote {target}")
+        bmp = self.out / "kaz_bmp"
+        if self.step("1. Phantom KAZ slices as BMP folders (12 radial slices per patient)", bmp / "images"):
+            self.run(["nnunet-kaz", "phantom", "--kind", "kaz2d", "--format", "bmp", "-o", str(bmp),
+                      "-n", str(self.n_patients), "--seed", str(self.seed), "--size", *map(str, self.original)])
+        if self.step("2. Convert to an nnU-Net dataset with patient-wise splits", self.dataset / "dataset.json"):
+            self.run(["nnunet-kaz", "convert-kaz", "--images", str(bmp / "images"), "--masks", str(bmp / "masks"),
+                      "--truth", str(bmp / "truth"), "--id", str(DATASET_ID), "--name", NAME,
+                      "--resize", str(self.size), "--test-patients", str(self.n_test)])
 
     def plan(self) -> None:
-        if self.step("2. Plan and preprocess (stock nnU-Net)", self.pre / DATASET / f"{PLANS}.json"):
+        if self.step("3. Plan and preprocess (stock nnU-Net)", self.pre / DATASET / f"{PLANS}.json"):
             # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 here
             self.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2",
-                      "--verify_dataset_integrity"], nnUNet_n_proc_DA="1")
+                      "--verify_dataset_integrity"], quiet=True, nnUNet_n_proc_DA="1")
 
-    def train(self, fold: int = 0, trainer: str = TRAINER) -> Path:
-        folder = self.res / DATASET / f"{trainer}__{PLANS}__{CONFIG}" / f"fold_{fold}"
-        if self.step(f"3. Train XBoundNet++ on the CPU ({trainer}, fold {fold})", folder / "checkpoint_final.pth"):
-            self.run(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(fold), "-tr", trainer, "-device", "cpu"],
-                     nnUNet_n_proc_DA="0")
-        return folder
+    def train(self) -> None:
+        for seed in SEEDS:
+            for fold in FOLDS:
+                done = self.results(seeded(seed)) / f"fold_{fold}" / "checkpoint_final.pth"
+                if self.step(f"4. Train XBoundNet++ seed {seed}, fold {fold} on the CPU", done):
+                    self.run(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(fold), "-tr", seeded(seed),
+                              "-device", "cpu", "--npz"], quiet=True)
+        done = self.results(SGDR) / "fold_0" / "checkpoint_final.pth"
+        if self.step("4. Train XBoundNet++ with SGDR warm restarts and snapshots (fold 0)", done):
+            self.run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", SGDR, "-device", "cpu"], quiet=True)
+        manifest = json.loads((self.results(SGDR) / "fold_0" / "snapshots.json").read_text())
+        print("  snapshots kept (cycle, epoch, EMA pseudo-Dice, lr):")
+        for s in manifest["snapshots"]:
+            print(f"    c{s['cycle']} e{s['epoch']:>3}  {s['pseudo_dice']:.3f}  {s['lr']:.2e}  {s['file']}")
 
-    def predict(self, fold: int = 0, trainer: str = TRAINER) -> Path:
-        out = self.out / "predictions" / trainer
-        if self.step("4. Predict the held-out patients (stock nnUNetv2_predict)", out / "plans.json"):
-            self.run(["nnUNetv2_predict", "-i", str(self.raw / DATASET / "imagesTs"), "-o", str(out),
-                      "-d", str(DATASET_ID), "-c", CONFIG, "-f", str(fold), "-tr", trainer, "-p", PLANS,
-                      "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"])
+    def calibrate(self) -> Path:
+        calib = self.out / "calibration.json"
+        if self.step("5. Fit logistic calibration on the validation probabilities (seed 0, fold 0)", calib):
+            self.run(["nnunet-kaz", "calibrate", "-p", str(self.results(seeded(0)) / "fold_0" / "validation"),
+                      "-l", str(self.dataset / "labelsTr"), "-o", str(calib), "--method", "logistic"])
+        chain = self.out / "postprocessing.json"
+        if not chain.exists():
+            from nnunet_kaz.postprocessing import PostprocessingChain
+
+            PostprocessingChain.paper000(size=list(self.original), threshold=0.4, radius_mm=1.0).save(chain)
+        return calib
+
+    def methods(self) -> dict[str, list[str]]:
+        """Method name -> `nnunet-kaz predict` arguments (members and options)."""
+        s0, s1, sgdr = self.results(seeded(0)), self.results(seeded(1)), self.results(SGDR)
+        grid = [f"{s0}:0,1", f"{s1}:0,1"]
+        return {
+            "single model": ["-m", f"{s0}:0"],
+            "fold ensemble (2 folds)": ["-m", f"{s0}:0,1"],
+            f"MC dropout ({self.mc} samples)": ["-m", f"{s0}:0", "--mc", str(self.mc)],
+            "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0"],
+            "SGDR snapshots": ["-m", f"{sgdr}:0:snapshots"],
+            f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", *grid, "--mc", str(self.mc // 2)],
+            "+ calibration + post-processing": ["-m", *grid, "--mc", str(self.mc // 2), "--calibration",
+                                                str(self.out / "calibration.json"), "--postprocessing",
+                                                str(self.out / "postprocessing.json")],
+        }
+
+    def predict(self) -> dict[str, Path]:
+        folders = {}
+        for i, (name, args) in enumerate(self.methods().items()):
+            folder = self.out / "predictions" / f"{i}_{name.split(' (')[0].replace(' ', '_').replace('+', 'plus')}"
+            folders[name] = folder
+            if self.step(f"6. Predict the held-out patients: {name}", folder / "scores.csv"):
+                self.run(["nnunet-kaz", "predict", "-i", str(self.dataset / "imagesTs"), "-o", str(folder), *args,
+                          "-device", "cpu"])
+        return folders
+
+    def compare(self, folders: dict[str, Path]) -> Path:
+        import yaml
+
+        out = self.out / "comparison"
+        runs_yaml = self.out / "runs.yaml"
+        runs_yaml.write_text(yaml.safe_dump({
+            "gt": str(self.dataset / "labelsTs"), "images": str(self.dataset / "imagesTs"), "figure_cases": 1,
+            "runs": [{"label": name, "pred": str(folder)} for name, folder in folders.items()]}, sort_keys=False))
+        if self.step("7. Compare the methods (metrics, calibration, uncertainty against error)",
+                     out / "comparison.csv"):
+            self.run(["nnunet-kaz", "compare", str(runs_yaml), "-o", str(out), "-q"])
+        print((out / "comparison.md").read_text())
+        import pandas as pd
+
+        table = pd.read_csv(out / "comparison.csv").set_index("method")
+        before, after = list(folders)[-2], list(folders)[-1]
+        print(f"  ECE before -> after calibration (test patients): all pixels "
+              f"{table.loc[before, 'ece_all']:.4f} -> {table.loc[after, 'ece_all']:.4f}, region of interest "
+              f"{table.loc[before, 'ece_roi']:.4f} -> {table.loc[after, 'ece_roi']:.4f}")
         return out
 
-    def report_dice(self, predictions: Path) -> float:
-        import numpy as np
+    def explain(self) -> Path:
+        image = sorted((self.dataset / "imagesTs").glob("*_0000.png"))[len(list((self.dataset / "imagesTs")
+                                                                                  .glob("*_0000.png"))) // 2]
+        out = self.out / "explain"
+        grid = out / image.name.replace("_0000.png", "_gradcam.png")
+        if self.step("8. Layer-wise Grad-CAM of one test case (seed 0, fold 0)", grid):
+            self.run(["nnunet-kaz", "explain", "-i", str(image), "-m", f"{self.results(seeded(0))}:0", "-o", str(out),
+                      "--target", "gt", "--gt", str(self.dataset / "labelsTs")])
+        return grid
 
-        from nnunet_kaz.evaluation import overlap_metrics
-        from nnunet_kaz.evaluation.cases import read_segmentation
+    def report(self, folders: dict[str, Path], comparison: Path, gradcam: Path) -> Path:
+        from nnunet_kaz.demo_report import build_report
 
-        self.step("5. Dice per held-out case against the annotation")
-        labels = self.raw / DATASET / "labelsTs"
-        scores = []
-        for gt_file in sorted(labels.glob("*.png")):
-            pred_file = predictions / gt_file.name
-            if not pred_file.exists():
-                raise SystemExit(f"demo: no prediction for {gt_file.name}")
-            d = overlap_metrics(read_segmentation(pred_file)[0] == 1, read_segmentation(gt_file)[0] == 1)["dice"]
-            scores.append(d)
-            print(f"  {gt_file.stem:<20} Dice {d:.3f}")
-        mean = float(np.mean(scores))
-        print(f"  mean Dice over {len(scores)} held-out slices: {mean:.3f}")
-        return mean
+        path = build_report(self, folders, comparison, gradcam)
+        return path
 
-    def run_all(self) -> None:
+    def run_all(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         self.make_data()
         self.plan()
         self.train()
-        predictions = self.predict()
-        self.report_dice(predictions)
-        print(f"\nDemo finished in {time.time() - self.t0:.0f}s; everything is under {self.out}")
+        self.calibrate()
+        folders = self.predict()
+        comparison = self.compare(folders)
+        gradcam = self.explain()
+        self.step("9. Write the report")
+        report = self.report(folders, comparison, gradcam)
+        print(f"\nDemo finished in {time.time() - self.t0:.0f}s. Report: {report}")
+        return report
 
 
 def _demo(args: argparse.Namespace) -> int:
     if args.fresh and args.o.exists():
         shutil.rmtree(args.o)
-    Demo(args.o, args.patients, args.test_patients, args.size, args.seed).run_all()
+    Demo(args.o, args.patients, args.test_patients, args.size, tuple(args.original), args.seed, args.mc).run_all()
     return 0
 
 
@@ -134,9 +223,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole job on a generated phantom (what `make demo` runs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
-    p.add_argument("--patients", type=int, default=10, help="phantom patients, 12 radial slices each (default 10)")
-    p.add_argument("--test-patients", type=int, default=2, help="of which held out for testing (default 2)")
-    p.add_argument("--size", type=int, default=64, help="slice size in pixels (default 64)")
+    p.add_argument("--patients", type=int, default=14, help="phantom patients, 12 radial slices each (default 14)")
+    p.add_argument("--test-patients", type=int, default=3, help="of which held out for testing (default 3)")
+    p.add_argument("--size", type=int, default=48, help="network input size in pixels (default 48)")
+    p.add_argument("--original", type=int, nargs=2, default=(170, 262), metavar=("H", "W"),
+                   help="phantom slice size before resizing, exported back to it (default 170 262)")
+    p.add_argument("--mc", type=int, default=10, help="MC-dropout samples of the MC method (default 10)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished steps")
     p.set_defaults(func=_demo)
