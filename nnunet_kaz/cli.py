@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -50,14 +51,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
+        sys.stdout.flush()  # a full disk or a closed pipe on stdout is a write error too
     except KazError as e:
         print(f"nnunet-kaz {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, an output path under a regular file, a closed pipe ...
+        print(f"nnunet-kaz {args.command}: error: {os_error_message(e)}", file=sys.stderr)
+        if e.filename is None:  # maybe stdout itself
+            _drop_stdout()
         return 2
     except KeyboardInterrupt:
         print(f"nnunet-kaz {args.command}: interrupted; finished outputs are kept, partial ones removed",
               file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def os_error_message(e: OSError) -> str:
+    """`Not a directory: /out/x` for errors naming a file; `No space left on device` (standard output, or a
+    write to an open file: Python does not say which) or the exception's text otherwise."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return e.strerror or f"{type(e).__name__}: {e}"
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of unwritable output does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":
