@@ -5,6 +5,8 @@ every model (member checkpoint) predicts `max(1, mc)` samples, in batches of `mc
 sliding window; each sample's probabilities (softmax, or sigmoid for regions: never logits) are added to
 `StreamingStats` and dropped. Outputs go to the input's geometry; each file is written under a temporary
 name and renamed, the segmentation last, so a case is finished exactly when its segmentation exists.
+Every input file is checked (`nnunet_kaz.input_checks`) before anything is written; a rerun skips finished
+cases.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, write_segmentation
 from nnunet_kaz.inference.members import Member, check_compatible, load_checkpoint
 from nnunet_kaz.inference.sliding_window import dropout_modules, predict_samples, set_mc_dropout
+from nnunet_kaz.input_checks import check_case_files
 from nnunet_kaz.io_utils import atomic_path, write_json_atomic
 from nnunet_kaz.trainers.seeding import derive_seed
 from nnunet_kaz.uncertainty.measures import (
@@ -206,10 +209,13 @@ class UncertaintyPredictor:
         if not 0 <= part_id < num_parts:
             raise KazError(f"--part-id must lie in 0..{num_parts - 1}, got {part_id}")
         mine = sorted(cases)[part_id::num_parts]
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._write_run_info(output_dir)
         ending = self.dataset_json["file_ending"]
         todo = [c for c in mine if overwrite or not (output_dir / f"{c}{ending}").exists()]
+        # every input is checked before anything is written (a truncated image fails here, not mid-run)
+        for case in tqdm(todo, desc="checking inputs", disable=not self.verbose or len(todo) < 20):
+            check_case_files(cases[case])
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_info(output_dir)
         if len(todo) < len(mine):
             print(f"{len(mine) - len(todo)} case(s) already predicted in {output_dir}, skipped (--overwrite redoes)")
         for case in tqdm(todo, desc="cases", disable=not self.verbose):
