@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from nnunet_kaz.errors import KazError
+from nnunet_kaz.input_checks import check_case_files
 
 
 def _case_name(image: Path, ending: str) -> str:
@@ -41,6 +42,7 @@ def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, laye
         if not image.is_file():
             raise KazError(f"image {image} not found")
         case = _case_name(image, ending)
+        check_case_files([image])  # a truncated image fails before the output folder is made
         gt_file = None
         if target == "gt":
             gt_file = Path(gt) / f"{case}{ending}" if Path(gt).is_dir() else Path(gt)
