@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nnunet_kaz.datasets.raw import dataset_json, raw_target
 from nnunet_kaz.errors import KazError
+from nnunet_kaz.input_checks import image_size
 from nnunet_kaz.io_utils import atomic_dir, write_json_atomic
 
 KITS_PLAIN_LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
@@ -37,7 +38,7 @@ def _header(path: Path) -> sitk.ImageFileReader:
 def scan_kits23(kits_dir: str | Path) -> list[str]:
     """Case folder names of a KiTS23-layout folder, after checking every case.
 
-    Raises KazError listing every problem: a case without imaging or segmentation, unreadable files,
+    Raises KazError listing every problem: a case without imaging or segmentation, unreadable or truncated files,
     image and segmentation grids (size, spacing, origin, direction) that differ, labels outside {0,1,2,3}.
     """
     kits_dir = Path(kits_dir)
@@ -55,7 +56,11 @@ def scan_kits23(kits_dir: str | Path) -> list[str]:
                             f"{kits_dir / case}: neither imaging.nii.gz nor segmentation.nii.gz")
             continue
         try:
+            image_size(img), image_size(seg)  # complete files: SimpleITK reads a truncated .nii.gz as zeros
             hi, hs = _header(img), _header(seg)
+        except KazError as e:
+            problems.append(str(e))
+            continue
         except RuntimeError as e:
             problems.append(f"{kits_dir / case}: cannot read ({str(e).strip().splitlines()[-1]})")
             continue
