@@ -23,6 +23,7 @@ from PIL import Image
 from nnunet_kaz.datasets.kaz_convert import angle_tag
 from nnunet_kaz.datasets.shapes import window_to_uint8
 from nnunet_kaz.errors import KazError
+from nnunet_kaz.input_checks import image_size
 from nnunet_kaz.io_utils import atomic_path
 
 
@@ -124,6 +125,7 @@ def reslice_to_bmp(image_path: str | Path, out_dir: str | Path, mask_path: str |
     """
     problems = []
     image_path = Path(image_path)
+    image_size(image_path)  # complete file: SimpleITK reads a truncated .nii.gz as zeros
     try:
         image = sitk.ReadImage(str(image_path))
     except RuntimeError as e:
@@ -133,7 +135,10 @@ def reslice_to_bmp(image_path: str | Path, out_dir: str | Path, mask_path: str |
     mask = None
     if mask_path is not None:
         try:
+            image_size(mask_path)
             mask = sitk.ReadImage(str(mask_path))
+        except KazError as e:
+            problems.append(str(e))
         except RuntimeError as e:
             problems.append(f"{mask_path}: cannot read as an image ({str(e).strip().splitlines()[-1]})")
         if mask is not None and not _same_grid(image, mask):
