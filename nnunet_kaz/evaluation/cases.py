@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kaz.errors import KazError
+from nnunet_kaz.input_checks import image_size
 
 NATURAL_2D_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
 SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl")
@@ -106,6 +107,8 @@ def read_header(path: Path) -> ImageHeader:
 def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Pixel array and spacing (array axis order) of an image, singleton axes dropped (module docstring)."""
     path = Path(path)
+    if not _is_natural(path):
+        image_size(path)  # complete file: SimpleITK reads a truncated .nii.gz as zeros
     try:
         if _is_natural(path):
             from skimage import io
