@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_kaz.errors import KazError
+from nnunet_kaz.input_checks import image_size
 
 SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
 NATURAL_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
@@ -98,6 +99,8 @@ def label_shape(path: Path) -> tuple[int, ...]:
 
 def read_label(path: Path) -> np.ndarray:
     """Integer label map in nnU-Net's layout ((z, y, x), or (1, y, x) for 2D)."""
+    if _split_ending(path.name, SITK_ENDINGS):
+        image_size(path)  # complete file: SimpleITK reads a truncated .nii.gz as zeros
     try:
         if _split_ending(path.name, SITK_ENDINGS):
             arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
