@@ -12,11 +12,13 @@ def _trainer_dir(args: argparse.Namespace) -> int:
 
 
 def _train_ensemble(args: argparse.Namespace) -> int:
-    from nnunet_kaz.trainers.ensemble import ensemble_commands, parse_range, run_commands
+    from nnunet_kaz.trainers.ensemble import check_training_inputs, ensemble_commands, parse_range, run_commands
 
     extra = ["--c"] if args.c else []
     commands = ensemble_commands(args.d, args.c_config, args.tr, parse_range(args.seeds), parse_range(args.folds),
                                  args.p, args.device, extra)
+    if not args.dry_run:  # a dry run may print commands for another machine's data
+        check_training_inputs(args.d, args.c_config, args.p)
     return run_commands(commands, args.dry_run)
 
 

@@ -1,6 +1,7 @@
 """`nnunet-kaz train-ensemble`: the seeds x folds grid of paper 000 (5 seeds x 5 folds) as nnUNetv2_train runs."""
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -37,6 +38,28 @@ def ensemble_commands(dataset: str, configuration: str, trainer: str, seeds: lis
         raise KazError(f"no seeded trainer(s) {missing}; trainers with seed variants: {have}")
     return [["nnUNetv2_train", str(dataset), configuration, str(f), "-tr", f"{trainer}_seed{s}", "-p", plans,
              "-device", device, *(extra or [])] for s in seeds for f in folds]
+
+
+def check_training_inputs(dataset: str, configuration: str, plans: str = "nnUNetPlans") -> None:
+    """The dataset, its plans file and the configuration exist, checked before any nnUNetv2_train starts (whose
+    own failure would be a traceback per run)."""
+    from nnunet_kaz.paths import nnunet_folder
+
+    preprocessed = nnunet_folder("nnUNet_preprocessed")  # clear message when the variable is not set
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError):
+        raise KazError(f"no dataset {dataset!r} in nnUNet_preprocessed={preprocessed} (or nnUNet_raw / "
+                       f"nnUNet_results); plan it first (nnunet-kaz plan -d ID)") from None
+    plans_file = preprocessed / name / f"{plans}.json"
+    if not plans_file.is_file():
+        raise KazError(f"plans {plans_file} not found; plan first (nnunet-kaz plan -d ID, or "
+                       f"nnUNetv2_plan_and_preprocess) or pass the plans name with -p")
+    configurations = json.loads(plans_file.read_text()).get("configurations", {})
+    if configuration not in configurations:
+        raise KazError(f"configuration {configuration!r} is not in {plans_file} (it has {sorted(configurations)})")
 
 
 def run_commands(commands: list[list[str]], dry_run: bool) -> int:
