@@ -6,8 +6,10 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
 
-class nnUNetTrainerDropout(nnUNetTrainer):
+
+class nnUNetTrainerDropout(CheckedResumeMixin, nnUNetTrainer):
     """nnU-Net's planned network (PlainConvUNet or residual encoder U-Net) with `torch.nn.Dropout(dropout_p)`
     after every convolution of encoder and decoder, where dynamic-network-architectures places its
     `dropout_op` (conv -> dropout -> norm -> nonlin).

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
 from nnunet_kaz.trainers.sgdr import SGDRScheduler, cycle_of_epoch, sgdr_cycle_ends
 from nnunet_kaz.trainers.snapshots import MANIFEST, Snapshot, SnapshotManifest, snapshot_filename
 from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer
@@ -125,7 +126,7 @@ class SGDRSnapshotMixin:
                 os.remove(path)
 
 
-class nnUNetTrainerSGDR(SGDRSnapshotMixin, nnUNetTrainer):
+class nnUNetTrainerSGDR(SGDRSnapshotMixin, CheckedResumeMixin, nnUNetTrainer):
     """nnU-Net's default network and loss with SGDR warm restarts and snapshot checkpoints."""
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunet_kaz.io_utils import write_json_atomic
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
 from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, wrap_deep_supervision
 
 CLASS_WEIGHTS_FILE = "class_weights.json"
@@ -164,7 +165,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-class nnUNetTrainerWCE(WeightedCEMixin, nnUNetTrainer):
+class nnUNetTrainerWCE(WeightedCEMixin, CheckedResumeMixin, nnUNetTrainer):
     """nnU-Net's planned network trained with inverse-frequency weighted cross-entropy (paper 004's wcc)."""
 
 

@@ -9,6 +9,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
 from nnunet_kaz.trainers.losses import build_logdice_ce_loss
 
 
@@ -45,7 +46,7 @@ def wrap_deep_supervision(loss: nn.Module, n_outputs: int, is_ddp: bool, compile
     return DeepSupervisionWrapper(loss, weights / weights.sum())
 
 
-class XBoundNetTrainer(nnUNetTrainer):
+class XBoundNetTrainer(CheckedResumeMixin, nnUNetTrainer):
     """XBoundNet++ with LogDice + CE (alpha = 0.7, paper 000 eq. 1); nnU-Net's SGD + poly schedule otherwise.
 
     Class attributes (subclass to change, as nnU-Net users do):
