@@ -3,17 +3,30 @@
 Intensities: KAZ slices are 8-bit (already CT-windowed) and get nnU-Net's per-image z-score (channel
 "zscore"); HU NIfTI volumes (KiTS23, kits3d phantom) get CTNormalization (channel "CT").
 """
-from nnunet_kaz.datasets.kaz_convert import DEFAULT_PATTERN, convert_kaz, read_kaz_meta, scan_kaz_folders
-from nnunet_kaz.datasets.kits23 import convert_kits23, scan_kits23
-from nnunet_kaz.datasets.phantom_kaz2d import Kaz2DSlice, kaz2d_patient, make_kaz2d_dataset, write_kaz2d_bmp_folders
-from nnunet_kaz.datasets.phantom_kits3d import kits3d_case, make_kits3d_dataset
-from nnunet_kaz.datasets.raw import dataset_folder_name, parse_dataset_folder
-from nnunet_kaz.datasets.reslice import axis_from_mask, radial_slices, reslice_to_bmp
-from nnunet_kaz.datasets.splits import (nested_cv_splits, patient_kfold_splits, write_dataset_splits,
-                                        write_patient_splits)
+from nnunet_kaz.lazy import lazy_exports
 
-__all__ = ["Kaz2DSlice", "kaz2d_patient", "make_kaz2d_dataset", "write_kaz2d_bmp_folders", "kits3d_case",
-           "make_kits3d_dataset", "dataset_folder_name", "parse_dataset_folder", "DEFAULT_PATTERN", "convert_kaz",
-           "read_kaz_meta", "scan_kaz_folders", "convert_kits23", "scan_kits23", "axis_from_mask", "radial_slices",
-           "reslice_to_bmp", "nested_cv_splits", "patient_kfold_splits", "write_dataset_splits",
-           "write_patient_splits"]
+_EXPORTS = {
+    "Kaz2DSlice": "phantom_kaz2d",
+    "kaz2d_patient": "phantom_kaz2d",
+    "make_kaz2d_dataset": "phantom_kaz2d",
+    "write_kaz2d_bmp_folders": "phantom_kaz2d",
+    "kits3d_case": "phantom_kits3d",
+    "make_kits3d_dataset": "phantom_kits3d",
+    "dataset_folder_name": "raw",
+    "parse_dataset_folder": "raw",
+    "DEFAULT_PATTERN": "kaz_convert",
+    "convert_kaz": "kaz_convert",
+    "read_kaz_meta": "kaz_convert",
+    "scan_kaz_folders": "kaz_convert",
+    "convert_kits23": "kits23",
+    "scan_kits23": "kits23",
+    "axis_from_mask": "reslice",
+    "radial_slices": "reslice",
+    "reslice_to_bmp": "reslice",
+    "nested_cv_splits": "splits",
+    "patient_kfold_splits": "splits",
+    "write_dataset_splits": "splits",
+    "write_patient_splits": "splits",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,24 +9,26 @@ Array-level functions (spacing in array axis order, distances in its unit):
 Folder level: evaluate_folder (`nnunet-kaz evaluate`) and compare_runs (`nnunet-kaz compare`).
 Definitions, units and empty-mask conventions are in each module's docstring.
 """
-from nnunet_kaz.evaluation.calibration import CalibrationSet, ReliabilityHistogram, roi_mask
-from nnunet_kaz.evaluation.compare import compare_runs
-from nnunet_kaz.evaluation.evaluate import EvaluationSettings, evaluate_folder
-from nnunet_kaz.evaluation.overlap import overlap_metrics
-from nnunet_kaz.evaluation.reliability import reliability_diagram
-from nnunet_kaz.evaluation.score_correlation import score_correlations, score_scatter
-from nnunet_kaz.evaluation.surface import mask_surface, surface_distances, surface_metrics
-from nnunet_kaz.evaluation.uncertainty_validation import (
-    ErrorAuroc,
-    scaled_uncertainty,
-    threshold_counts,
-    uncertainty_figure,
-)
+from nnunet_kaz.lazy import lazy_exports
 
-__all__ = [
-    "overlap_metrics", "surface_metrics", "surface_distances", "mask_surface",
-    "ReliabilityHistogram", "CalibrationSet", "roi_mask", "reliability_diagram",
-    "ErrorAuroc", "scaled_uncertainty", "threshold_counts", "uncertainty_figure",
-    "score_correlations", "score_scatter",
-    "EvaluationSettings", "evaluate_folder", "compare_runs",
-]
+_EXPORTS = {
+    "overlap_metrics": "overlap",
+    "surface_metrics": "surface",
+    "surface_distances": "surface",
+    "mask_surface": "surface",
+    "ReliabilityHistogram": "calibration",
+    "CalibrationSet": "calibration",
+    "roi_mask": "calibration",
+    "reliability_diagram": "reliability",
+    "ErrorAuroc": "uncertainty_validation",
+    "scaled_uncertainty": "uncertainty_validation",
+    "threshold_counts": "uncertainty_validation",
+    "uncertainty_figure": "uncertainty_validation",
+    "score_correlations": "score_correlation",
+    "score_scatter": "score_correlation",
+    "EvaluationSettings": "evaluate",
+    "evaluate_folder": "evaluate",
+    "compare_runs": "compare",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

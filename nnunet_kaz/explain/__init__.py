@@ -3,26 +3,27 @@ refinement (paper 001 Algorithm 3), MHEX+ equivalent-kernel CAMs and collaborati
 
 The MHEX+ heads themselves are a network option: `nnunet_kaz.networks.mhex.MHEXPlus`.
 """
-from nnunet_kaz.explain.figures import pick_slice, save_gradcam_grid
-from nnunet_kaz.explain.gradcam import (
-    LayerGradCAM,
-    explain_case,
-    list_blocks,
-    network_dim,
-    resolve_layers,
-    save_maps_npz,
-    sliding_window_gradcam,
-)
-from nnunet_kaz.explain.mhex import (
-    collaboration_uncertainty,
-    ensemble_entropy,
-    ensemble_variance,
-    mhex_cams,
-    uncertainty_agreement,
-)
-from nnunet_kaz.explain.refinement import HeatmapRefiner, heatmap_feature, pool_roi_features, roi_from_mask
+from nnunet_kaz.lazy import lazy_exports
 
-__all__ = ["LayerGradCAM", "explain_case", "list_blocks", "network_dim", "resolve_layers", "save_maps_npz",
-           "sliding_window_gradcam", "save_gradcam_grid", "pick_slice", "HeatmapRefiner", "heatmap_feature",
-           "pool_roi_features", "roi_from_mask", "mhex_cams", "collaboration_uncertainty", "ensemble_variance",
-           "ensemble_entropy", "uncertainty_agreement"]
+_EXPORTS = {
+    "LayerGradCAM": "gradcam",
+    "explain_case": "gradcam",
+    "list_blocks": "gradcam",
+    "network_dim": "gradcam",
+    "resolve_layers": "gradcam",
+    "save_maps_npz": "gradcam",
+    "sliding_window_gradcam": "gradcam",
+    "save_gradcam_grid": "figures",
+    "pick_slice": "figures",
+    "HeatmapRefiner": "refinement",
+    "heatmap_feature": "refinement",
+    "pool_roi_features": "refinement",
+    "roi_from_mask": "refinement",
+    "mhex_cams": "mhex",
+    "collaboration_uncertainty": "mhex",
+    "ensemble_variance": "mhex",
+    "ensemble_entropy": "mhex",
+    "uncertainty_agreement": "mhex",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,12 @@
 """Streaming ensemble x MC-dropout prediction with uncertainty maps and per-image scores."""
-from nnunet_kaz.inference.members import Member, parse_member
-from nnunet_kaz.inference.predictor import UncertaintyPredictor, collect_scores, list_cases
+from nnunet_kaz.lazy import lazy_exports
 
-__all__ = ["UncertaintyPredictor", "Member", "parse_member", "list_cases", "collect_scores"]
+_EXPORTS = {
+    "UncertaintyPredictor": "predictor",
+    "Member": "members",
+    "parse_member": "members",
+    "list_cases": "predictor",
+    "collect_scores": "predictor",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

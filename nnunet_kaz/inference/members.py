@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from nnunet_kaz.errors import KazError
 
 CHECKPOINT_ALIASES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
@@ -89,6 +87,8 @@ def _snapshots(fold_dir: Path) -> list[Path]:
 
 def load_checkpoint(path: Path) -> dict:
     """torch.load on the CPU with a message naming the file when it is unreadable or not an nnU-Net checkpoint."""
+    import torch  # here, so `nnunet-kaz --help` does not load torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated / corrupted files raise several different errors

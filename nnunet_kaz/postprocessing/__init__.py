@@ -1,19 +1,39 @@
 """Calibration of probabilities fitted on validation predictions, and the post-processing chain (threshold,
-closing, largest component with the cyst rule, Lanczos-4 resize and KAZ BMP export), paper 000 section 2.3."""
-from nnunet_kaz.postprocessing.calibration import (CALIBRATORS, Calibrator, IsotonicCalibrator,
-                                                   LogisticCalibrator, TemperatureCalibrator, apply_calibration,
-                                                   check_probabilities, classes_from_labels, labels_to_channels,
-                                                   load_calibrator, make_calibrator, save_calibrator, top_label_ece)
-from nnunet_kaz.postprocessing.chain import (CHAIN_FILENAME, Argmax, ChainResult, Closing, LargestComponent,
-                                             PostprocessingChain, Resize, Threshold, write_kaz_bmp)
-from nnunet_kaz.postprocessing.components import hu_to_image_units, keep_largest_components
-from nnunet_kaz.postprocessing.lanczos import resize_lanczos4, resize_probabilities
-from nnunet_kaz.postprocessing.morphology import close_labels, ellipsoid_element
-from nnunet_kaz.postprocessing.pooling import VoxelPool, pool_cases
+closing, largest component with the cyst rule, Lanczos-4 resize and KAZ BMP export), paper 000 section 2.3.
+"""
+from nnunet_kaz.lazy import lazy_exports
 
-__all__ = ["CALIBRATORS", "Calibrator", "IsotonicCalibrator", "LogisticCalibrator", "TemperatureCalibrator",
-           "apply_calibration", "check_probabilities", "classes_from_labels", "labels_to_channels",
-           "load_calibrator", "make_calibrator", "save_calibrator", "top_label_ece",
-           "CHAIN_FILENAME", "Argmax", "ChainResult", "Closing", "LargestComponent", "PostprocessingChain", "Resize",
-           "Threshold", "write_kaz_bmp", "hu_to_image_units", "keep_largest_components", "resize_lanczos4",
-           "resize_probabilities", "close_labels", "ellipsoid_element", "VoxelPool", "pool_cases"]
+_EXPORTS = {
+    "CALIBRATORS": "calibration",
+    "Calibrator": "calibration",
+    "IsotonicCalibrator": "calibration",
+    "LogisticCalibrator": "calibration",
+    "TemperatureCalibrator": "calibration",
+    "apply_calibration": "calibration",
+    "check_probabilities": "calibration",
+    "classes_from_labels": "calibration",
+    "labels_to_channels": "calibration",
+    "load_calibrator": "calibration",
+    "make_calibrator": "calibration",
+    "save_calibrator": "calibration",
+    "top_label_ece": "calibration",
+    "CHAIN_FILENAME": "chain",
+    "Argmax": "chain",
+    "ChainResult": "chain",
+    "Closing": "chain",
+    "LargestComponent": "chain",
+    "PostprocessingChain": "chain",
+    "Resize": "chain",
+    "Threshold": "chain",
+    "write_kaz_bmp": "chain",
+    "hu_to_image_units": "components",
+    "keep_largest_components": "components",
+    "resize_lanczos4": "lanczos",
+    "resize_probabilities": "lanczos",
+    "close_labels": "morphology",
+    "ellipsoid_element": "morphology",
+    "VoxelPool": "pooling",
+    "pool_cases": "pooling",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
