@@ -4,11 +4,13 @@ Every step runs the command a user would type (printed before it runs), inside O
 1. phantom KAZ slices as BMP folders (images/, masks/ = rough annotations, truth/ = true zones);
 2. `nnunet-kaz convert-kaz` -> nnU-Net raw dataset, patient-wise splits, held-out test patients;
 3. `nnUNetv2_plan_and_preprocess` (stock);
-4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1 (`--npz` for calibration), and
-   `-tr XBoundNetTrainerSGDR_demo` (two SGDR cycles, snapshots);
-5. `nnunet-kaz calibrate` on the validation probabilities;
+4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1, and `-tr XBoundNetTrainerSGDR_demo`
+   (two SGDR cycles, snapshots);
+5. `nnunet-kaz predict` on the fold-0 validation patients with the fold-0 seed ensemble and MC dropout, and
+   `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices);
 6. `nnunet-kaz predict` for each method: single model, fold ensemble, MC dropout, seed ensemble, SGDR
-   snapshots, 2 seeds x 2 folds x MC dropout, and the same calibrated and post-processed;
+   snapshots, 2 seeds x 2 folds x MC dropout, the fold-0 seed ensemble x MC, and that calibrated and
+   post-processed;
 7. `nnunet-kaz compare` (metrics, ECE, reliability diagrams, uncertainty against error, scores against Dice);
 8. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
 9. `report.html`, self-contained.
@@ -113,7 +115,7 @@ class Demo:
                 done = self.results(seeded(seed)) / f"fold_{fold}" / "checkpoint_final.pth"
                 if self.step(f"4. Train XBoundNet++ seed {seed}, fold {fold} on the CPU", done):
                     self.run(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(fold), "-tr", seeded(seed),
-                              "-device", "cpu", "--npz"], quiet=True)
+                              "-device", "cpu"], quiet=True)
         done = self.results(SGDR) / "fold_0" / "checkpoint_final.pth"
         if self.step("4. Train XBoundNet++ with SGDR warm restarts and snapshots (fold 0)", done):
             self.run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", SGDR, "-device", "cpu"], quiet=True)
@@ -123,10 +125,24 @@ class Demo:
             print(f"    c{s['cycle']} e{s['epoch']:>3}  {s['pseudo_dice']:.3f}  {s['lr']:.2e}  {s['file']}")
 
     def calibrate(self) -> Path:
+        """Paper 000 section 2.3: fit the calibrator on the validation slices' raw predictions of the same
+        ensemble it will calibrate (here the fold-0 seed ensemble with MC dropout)."""
         calib = self.out / "calibration.json"
-        if self.step("5. Fit logistic calibration on the validation probabilities (seed 0, fold 0)", calib):
-            self.run(["nnunet-kaz", "calibrate", "-p", str(self.results(seeded(0)) / "fold_0" / "validation"),
-                      "-l", str(self.dataset / "labelsTr"), "-o", str(calib), "--method", "logistic"])
+        val_images = self.out / "validation_fold0" / "images"
+        val_preds = self.out / "validation_fold0" / "predictions"
+        if self.step("5. Predict the fold-0 validation patients with the fold-0 seed ensemble x MC dropout",
+                     val_preds / "scores.csv"):
+            splits = json.loads((self.pre / DATASET / "splits_final.json").read_text())
+            val_images.mkdir(parents=True, exist_ok=True)
+            for case in splits[0]["val"]:
+                link = val_images / f"{case}_0000.png"
+                if not link.exists():
+                    link.symlink_to(self.dataset / "imagesTr" / f"{case}_0000.png")
+            self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(val_preds), *self.fold0_ensemble,
+                      "-device", "cpu"])
+        if self.step("5. Fit logistic calibration on those validation probabilities", calib):
+            self.run(["nnunet-kaz", "calibrate", "-p", str(val_preds), "-l", str(self.dataset / "labelsTr"),
+                      "-o", str(calib), "--method", "logistic"])
         chain = self.out / "postprocessing.json"
         if not chain.exists():
             from nnunet_kaz.postprocessing import PostprocessingChain
@@ -134,18 +150,23 @@ class Demo:
             PostprocessingChain.paper000(size=list(self.original), threshold=0.4, radius_mm=1.0).save(chain)
         return calib
 
+    @property
+    def fold0_ensemble(self) -> list[str]:
+        return ["-m", *(f"{self.results(seeded(s))}:0" for s in SEEDS), "--mc", str(self.mc // 2)]
+
     def methods(self) -> dict[str, list[str]]:
-        """Method name -> `nnunet-kaz predict` arguments (members and options)."""
+        """Method name -> `nnunet-kaz predict` arguments (members and options); the last two differ only by
+        calibration and post-processing."""
         s0, s1, sgdr = self.results(seeded(0)), self.results(seeded(1)), self.results(SGDR)
-        grid = [f"{s0}:0,1", f"{s1}:0,1"]
         return {
             "single model": ["-m", f"{s0}:0"],
             "fold ensemble (2 folds)": ["-m", f"{s0}:0,1"],
             f"MC dropout ({self.mc} samples)": ["-m", f"{s0}:0", "--mc", str(self.mc)],
             "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0"],
             "SGDR snapshots": ["-m", f"{sgdr}:0:snapshots"],
-            f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", *grid, "--mc", str(self.mc // 2)],
-            "+ calibration + post-processing": ["-m", *grid, "--mc", str(self.mc // 2), "--calibration",
+            f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", f"{s0}:0,1", f"{s1}:0,1", "--mc", str(self.mc // 2)],
+            f"2 seeds (fold 0) x MC {self.mc // 2}": self.fold0_ensemble,
+            "+ calibration + post-processing": [*self.fold0_ensemble, "--calibration",
                                                 str(self.out / "calibration.json"), "--postprocessing",
                                                 str(self.out / "postprocessing.json")],
         }

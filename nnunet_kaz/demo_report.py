@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nnunet_kaz.evaluation.compare import run_slug
 from nnunet_kaz.report import HtmlReport
 
 
@@ -62,19 +63,21 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
     before, after = list(folders)[-2], list(folders)[-1]
     pairs = ", ".join(f"{c}: {rows.loc[before, c]:.4f} -> {rows.loc[after, c]:.4f}"
                       for c in ("ece_all", "ece_roi", "dice_mean", "hd95_mean"))
-    rep.text(f"Calibration (logistic, fitted on the validation probabilities of seed 0, fold 0) and post-processing "
-             f"(threshold 0.4, closing, largest component), before -> after: {pairs}.")
+    rep.text(f"Calibration (logistic, fitted on the fold-0 validation patients' probabilities of the same ensemble) "
+             f"and post-processing (threshold 0.4, closing, largest component), before -> after: {pairs}.")
     for scope in ("all", "roi"):
         rep.figure(comparison / f"reliability_overlay_{scope}.png", f"Reliability diagrams, scope {scope}")
 
     rep.heading("Uncertainty against error (paper 000 Fig. 4)")
-    last = sorted((comparison / "runs").iterdir())[-2] if (comparison / "runs").is_dir() else None
+    ensemble = list(folders)[-3]  # 2 seeds x 2 folds x MC dropout
+    last = comparison / "runs" / run_slug(ensemble)
+    last = last if last.is_dir() else None
     for fig in sorted((last / "figures").glob("*.png"))[:1] if last else []:
         rep.figure(fig, f"{last.name}: image, annotation, prediction, probability, entropy, and the pixels left "
                         "after removing those above the uncertainty thresholds T = 100, 75, 50, 25")
     if last and (last / "uncertainty_thresholds_summary.csv").is_file():
         rep.table(pd.read_csv(last / "uncertainty_thresholds_summary.csv"))
-    example = entropy_example(list(folders.values())[-2], demo.dataset / "imagesTs", demo.out / "entropy_example.png")
+    example = entropy_example(list(folders.values())[-3], demo.dataset / "imagesTs", demo.out / "entropy_example.png")
     if example:
         rep.figure(example, "Mean probability, normalized entropy and mutual information of 2 seeds x 2 folds x "
                             "MC-dropout samples")

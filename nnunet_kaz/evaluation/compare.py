@@ -184,7 +184,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def _slug(name: str) -> str:
+def run_slug(name: str) -> str:
+    """The folder name of a run under OUT/runs/."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
 
@@ -216,7 +217,7 @@ def compare_runs(yaml_file: Path, out_dir: Path, progress: bool = True) -> pd.Da
                 reliability_diagram(hists, tmp / f"reliability_overlay_{scope}.png",
                                     title=f"reliability, scope {scope}")
         for name, res in results:
-            slug = _slug(name)
+            slug = run_slug(name)
             while slug in slugs.values():
                 slug += "_"
             slugs[name] = slug
