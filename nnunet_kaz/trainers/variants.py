@@ -11,6 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kaz.trainers.augmentation import PaperDAMixin
 from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout
+from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
 from nnunet_kaz.trainers.weighted_ce import XBoundNetTrainerWCE, nnUNetTrainerWCE
@@ -84,6 +85,14 @@ _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
             for tag, p in DROPOUT_RATES.items()]
 variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
         "nnUNetTrainerDropout_p02 for tests.", DEBUG)
+
+# MHEX+ heads (issue 7, paper 003)
+_mhex = [
+    variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_debug", "XBoundNetTrainerMHEX for tests.", DEBUG),
+    variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_debug", "nnUNetTrainerMHEX for tests.", DEBUG),
+    variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_demo", "XBoundNetTrainerMHEX for the CPU demo: 10 epochs x "
+            "12 iterations, features capped at 32.", DEMO, max_features=32),
+]
 
 for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
               _registry["XBoundNetTrainer_debug"], _registry["XBoundNetTrainer_demo"],
