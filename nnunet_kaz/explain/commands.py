@@ -1,4 +1,5 @@
-"""`nnunet-kaz explain`: layer-wise Grad-CAM of a trained member for one or more images."""
+"""`nnunet-kaz explain` (layer-wise Grad-CAM), `nnunet-kaz mhex` (MHEX+ CAMs and collaboration uncertainty) and
+`nnunet-kaz refine fit|apply` (ERNet heatmap-guided refinement) for trained members."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,36 @@ def _explain(args: argparse.Namespace) -> int:
                              target_class=args.target_class, device=args.device)
     for path in written:
         print(path)
+    return 0
+
+
+def _mhex(args: argparse.Namespace) -> int:
+    from nnunet_kaz.explain.mhex_cli import mhex_images
+
+    for path in mhex_images(args.i, args.m, args.o, ensemble=args.ensemble or (), mc=args.mc,
+                            target_class=args.target_class, device=args.device):
+        print(path)
+    return 0
+
+
+def _refine_fit(args: argparse.Namespace) -> int:
+    from nnunet_kaz.explain.refine_cli import refine_fit
+
+    d = refine_fit(args.m, args.i, args.l, args.o, margin=args.margin, target_class=args.target_class,
+                   layer=args.layer, roi=args.roi, iterations=args.iterations, learning_rate=args.learning_rate,
+                   seed=args.seed, device=args.device)
+    print(f"{args.o}: fitted on {d['fit']['n_voxels']} ROI voxels of {len(d['fit']['cases'])} case(s) "
+          f"(block {d['features']['block']}, loss {d['fit']['initial_loss']:.4g} -> {d['fit']['final_loss']:.4g})")
+    return 0
+
+
+def _refine_apply(args: argparse.Namespace) -> int:
+    from nnunet_kaz.explain.refine_cli import refine_apply
+
+    table = refine_apply(args.m, args.i, args.refiner, args.o, gt_dir=args.gt, device=args.device)
+    if table is not None:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"written to {args.o / 'refinement_effect.csv'}")
     return 0
 
 
@@ -32,3 +63,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-class", type=int, default=1, help="class whose logits are explained (default 1)")
     p.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=_explain)
+    _register_mhex(sub)
+    _register_refine(sub)
+
+
+def _register_mhex(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mhex", help="MHEX+ per-stage CAMs and collaboration-gradient uncertainty (paper 003)",
+                       description="For a member trained with MHEX+ heads (XBoundNetTrainerMHEX, nnUNetTrainerMHEX): "
+                                   "per image the equivalent-kernel CAM of every decoder stage and the "
+                                   "collaboration-gradient map U (sum of cosines of adjacent heads' per-voxel "
+                                   "gradients; D = (L-1) - U, high = heads disagree). Writes CASE_mhex.png (grid) "
+                                   "and CASE_mhex.npz (maps in the input's geometry). With --ensemble and/or --mc, "
+                                   "also the ensemble's entropy and variance maps and mhex_agreement.csv (IoU, Dice "
+                                   "of the Otsu regions and Pearson's r, paper 003 Table 1).")
+    p.add_argument("-i", type=Path, nargs="+", required=True, help="image file(s) CASE_0000.ext or folder(s)")
+    p.add_argument("-m", required=True, metavar="MEMBER", help="RESULTS_DIR[:FOLD[:CHECKPOINT]] of an MHEX+ member "
+                                                                "(first checkpoint is used)")
+    p.add_argument("-o", type=Path, required=True, help="output folder")
+    p.add_argument("--ensemble", nargs="+", metavar="MEMBER", help="ensemble members for the reference maps")
+    p.add_argument("--mc", type=int, default=0, help="MC-dropout samples per ensemble model (alone: of -m itself)")
+    p.add_argument("--target-class", type=int, default=1, help="class whose CAMs and variance are shown (default 1)")
+    p.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.set_defaults(func=_mhex)
+
+
+def _register_refine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refine", help="ERNet heatmap-guided probability refinement inside the ROI (paper 001)",
+                       description="Fit (on validation cases with labels) and apply ERNet's 2-5-1 network that "
+                                   "refits the class probability from (probability, Grad-CAM heatmap weight of the "
+                                   "last decoder block) inside the predicted foreground's bounding box + margin "
+                                   "(paper 001 Algorithm 3). Voxels outside that box never change.")
+    rsub = p.add_subparsers(dest="refine_command", metavar="fit|apply")
+    rsub.required = True
+    f = rsub.add_parser("fit", help="fit the refiner on labelled cases; writes its JSON")
+    f.add_argument("-m", required=True, metavar="MEMBER", help="RESULTS_DIR[:FOLD[:CHECKPOINT]] (first checkpoint)")
+    f.add_argument("-i", type=Path, required=True, help="folder of images CASE_0000.ext (e.g. validation cases)")
+    f.add_argument("-l", type=Path, required=True, help="folder of labels CASE.ext")
+    f.add_argument("-o", type=Path, required=True, help="refiner JSON to write")
+    f.add_argument("--margin", type=int, default=5, help="ROI margin in voxels of the input image (default 5)")
+    f.add_argument("--target-class", type=int, default=1, help="class to refine (default 1)")
+    f.add_argument("--roi", choices=("all", "largest"), default="all",
+                   help="box every predicted voxel of the class (default) or only its largest connected component")
+    f.add_argument("--layer", help="Grad-CAM block (default: the last decoder stage)")
+    f.add_argument("--iterations", type=int, default=1000, help="gradient-descent iterations (default 1000)")
+    f.add_argument("--learning-rate", type=float, default=0.5, help="on mean gradients (default 0.5)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the U[0,1) initialisation (default 0)")
+    f.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default cpu)")
+    f.set_defaults(func=_refine_fit)
+    a = rsub.add_parser("apply", help="refine a member's segmentations with a fitted refiner")
+    a.add_argument("-m", required=True, metavar="MEMBER", help="RESULTS_DIR[:FOLD[:CHECKPOINT]] (first checkpoint)")
+    a.add_argument("-i", type=Path, required=True, help="folder of images CASE_0000.ext")
+    a.add_argument("--refiner", type=Path, required=True, help="JSON written by `nnunet-kaz refine fit`")
+    a.add_argument("-o", type=Path, required=True, help="output folder: CASE.ext, CASE.npz (probabilities, roi)")
+    a.add_argument("--gt", type=Path, help="ground-truth folder: writes refinement_effect.csv (Dice, HD95)")
+    a.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default cpu)")
+    a.set_defaults(func=_refine_apply)

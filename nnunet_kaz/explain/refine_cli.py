@@ -1,0 +1,291 @@
+"""`nnunet-kaz refine fit / apply`: ERNet's heatmap-guided probability refinement (paper 001 section 3.2.4,
+Algorithm 3) as a post-processing step of a trained member.
+
+Per case (everything in the INPUT image's geometry, so the refined output differs from `nnunet-kaz predict`'s only
+inside the region of interest):
+- p: the member's softmax probabilities (its first checkpoint, nnU-Net's sliding window, no mirroring), restored
+  to the input geometry like `nnunet-kaz predict` does; the unrefined segmentation is their argmax.
+- heatmap: Seg-Grad-CAM (paper 001 eq. 1) of the target class over the member's predicted region, from the LAST
+  CONVOLUTIONAL BLOCK, the last decoder stage `decoder.stages.{n-1}` whose output the 1x1 segmentation layer turns
+  into the logits before the softmax (ERNet: "the last convolutional layer within the FCN"). Not the 1x1 layer
+  itself: its Grad-CAM is |M|/N * ReLU(logit_c), a function of p only. Computed on the network's grid (tile by
+  tile, slice by slice for 2D configurations) and resampled to the input geometry with nnU-Net's probability
+  resampling. h = `heatmap_feature`: the heatmap inside the predicted class region (paper 001 eq. 2 with the
+  prediction standing in for the label, at fitting and at application alike), divided by its per-case maximum.
+- ROI = bounding box of the predicted target-class region enlarged by `margin` voxels per axis of the input
+  array, clipped (`roi_from_mask`); no predicted voxel = no ROI = nothing changes. `roi="largest"` boxes only the
+  largest connected component of that region (face connectivity; ties: the first in scan order), closer to
+  ERNet's object boxes when the prediction has scattered false positives. The mode is fixed at fitting.
+- fit: the (p, h) features and 0/1 labels of every case's ROI voxels are pooled and `HeatmapRefiner.fit` trains
+  the 2-5-1 network; the JSON holds its parameters plus the feature layout (`features`) that `apply` checks.
+- apply: inside the ROI the target-class probability becomes the refiner's output and the other classes are
+  rescaled to sum to 1 - p_new (their old proportions kept); inside the ROI the segmentation is the argmax of the
+  refined probabilities, outside it every voxel keeps the unrefined label (copied, never recomputed).
+- effect (`--gt`): Dice and HD95 of the target class before / after per case (`overlap_metrics`,
+  `surface_metrics`; axes of length 1 dropped with their spacing, distances in the spacing's unit, HD95 NaN when
+  exactly one mask is empty), and their means over the cases (NaNs left out of the means).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from nnunet_kaz.errors import KazError
+from nnunet_kaz.io_utils import atomic_path, write_json_atomic
+
+FEATURE_LAYOUT = ["probability", "heatmap_weight"]
+FEATURES_VERSION = 1
+ROI_MODES = ("all", "largest")
+EFFECT_COLUMNS = ["case", "dice_before", "dice_after", "hd95_before", "hd95_after", "roi_voxels",
+                  "changed_voxels"]
+
+
+def last_block(network: torch.nn.Module) -> str:
+    """Module name of the last decoder stage (the last convolutional block before the segmentation layer), also
+    inside an MHEX+ wrapper; KazError for networks without `decoder.stages`."""
+    stages = getattr(getattr(network, "decoder", None), "stages", None)
+    if stages is None or len(stages) == 0:
+        raise KazError(f"{type(network).__name__} has no decoder.stages: give the block with --layer")
+    target = stages[len(stages) - 1]
+    return next(name for name, m in network.named_modules() if m is target)
+
+
+class CaseMaps:
+    """Probabilities (C, *input), the heatmap feature h (*input), unrefined segmentation, ROI and properties."""
+
+    def __init__(self, probs: np.ndarray, heat: np.ndarray, target_class: int, margin: int, props: dict,
+                 roi: str = "all"):
+        from nnunet_kaz.explain.refinement import heatmap_feature, roi_from_mask
+
+        self.probs, self.props = probs, props
+        self.seg = probs.argmax(0)
+        self.foreground = self.seg == target_class
+        self.h = heatmap_feature(heat, self.foreground).astype(np.float32)
+        self.roi = roi_from_mask(largest_component(self.foreground) if roi == "largest" else self.foreground, margin)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a boolean mask (scipy.ndimage.label), empty for an empty mask."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+
+
+def case_maps(predictor, network, block: str, files: list[str], case: str, target_class: int, margin: int,
+              roi: str = "all", tile_step_size: float = 0.5) -> CaseMaps:
+    """p and Grad-CAM heatmap of one case in the input geometry (module docstring)."""
+    from nnunet_kaz.explain.gradcam import explain_case
+    from nnunet_kaz.explain.loading import network_views
+    from nnunet_kaz.inference.export import GeometryRestorer
+
+    data, props = predictor.preprocess(files)
+    mean = predictor.sample_case(data, case).mean
+    predicted = mean.argmax(0) == target_class
+    heat = np.zeros(data.shape[1:], np.float32)
+    patch = predictor.configuration_manager.patch_size
+    for index, view in network_views(predictor, data):
+        mask = predicted[index]
+        if mask.any():
+            heat[index] = explain_case(network, view, [block], torch.from_numpy(mask), target_class, patch,
+                                       tile_step_size, predictor.device)[block]
+    geo = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props)
+    return CaseMaps(geo.probabilities(mean, False), geo.maps(heat[None])[0], target_class, margin, props, roi)
+
+
+def _read_label(rw, path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        seg, _ = rw.read_seg(str(path))
+    except Exception as e:
+        raise KazError(f"cannot read label {path}: {type(e).__name__}: {e}") from None
+    seg = np.asarray(seg)[0]
+    if seg.shape != tuple(shape):
+        raise KazError(f"label {path} has shape {seg.shape}, its image {tuple(shape)}")
+    return seg
+
+
+def _check_inputs(cases: dict[str, list[str]], labels: dict[str, Path] | None) -> None:
+    """Every image (and label) complete and readable, a case's files of one size: before anything is written."""
+    from nnunet_kaz.input_checks import check_case_files
+
+    for case, files in cases.items():
+        check_case_files([*files, *([labels[case]] if labels is not None else [])])
+
+
+def _label_files(labels_dir: Path, cases: Sequence[str], ending: str, what: str) -> dict[str, Path]:
+    if not Path(labels_dir).is_dir():
+        raise KazError(f"{what} folder {labels_dir} does not exist")
+    files = {c: Path(labels_dir) / f"{c}{ending}" for c in cases}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise KazError(f"missing {what} file(s): " + ", ".join(missing))
+    return files
+
+
+def _check_class(predictor, target_class: int) -> None:
+    n = predictor.label_manager.num_segmentation_heads
+    if not 1 <= target_class < n:
+        raise KazError(f"target class {target_class} out of range: the member has classes 0..{n - 1} "
+                       "(0 is the background)")
+
+
+def refine_fit(member_spec: str, images_dir: Path, labels_dir: Path, out_json: Path, margin: int = 5,
+               target_class: int = 1, layer: str | None = None, roi: str = "all", iterations: int = 1000,
+               learning_rate: float = 0.5, seed: int = 0, device: str = "cpu") -> dict:
+    """Fit the heatmap refiner on the ROI voxels of every case of `images_dir` against `labels_dir`; write JSON."""
+    from nnunet_kaz.explain.gradcam import resolve_layers
+    from nnunet_kaz.explain.loading import load_member
+    from nnunet_kaz.explain.refinement import HeatmapRefiner, pool_roi_features
+    from nnunet_kaz.inference import list_cases
+
+    if margin < 0:
+        raise KazError(f"--margin must be >= 0, got {margin}")
+    if roi not in ROI_MODES:
+        raise KazError(f"--roi must be one of {ROI_MODES}, got {roi!r}")
+    predictor, network = load_member(member_spec, device)
+    _check_class(predictor, target_class)
+    block = resolve_layers(network, [layer])[0] if layer else last_block(network)
+    ending = predictor.dataset_json["file_ending"]
+    cases = list_cases(images_dir, predictor.dataset_json)
+    labels = _label_files(labels_dir, list(cases), ending, "label")
+    _check_inputs(cases, labels)
+    refiner = HeatmapRefiner(iterations=iterations, learning_rate=learning_rate, seed=seed)  # checks arguments
+    rw = predictor.plans_manager.image_reader_writer_class()
+    pooled, summary = [], []
+    for case, files in tqdm(sorted(cases.items()), desc="refine fit: cases"):
+        m = case_maps(predictor, network, block, files, case, target_class, margin, roi)
+        y = _read_label(rw, labels[case], m.seg.shape) == target_class
+        pooled.append((m.probs[target_class], m.h, y, m.roi))
+        summary.append({"case": case, "roi_voxels": 0 if m.roi is None else int(m.seg[m.roi].size)})
+    X, y = pool_roi_features(pooled)
+    refiner.fit(X, y)
+    model = predictor.models[0]
+    d = refiner.to_dict()
+    d["features"] = {"layout": FEATURE_LAYOUT, "version": FEATURES_VERSION, "block": block,
+                     "target_class": target_class, "margin": margin, "roi": roi, "heatmap_mask": "prediction",
+                     "space": "input image geometry"}
+    d["member"] = {"folder": str(model.member.folder), "checkpoint": str(model.checkpoint),
+                   "trainer": model.member.trainer_name, "configuration": model.member.configuration}
+    d["fit"] = {"cases": summary, "n_voxels": int(len(y)), "foreground_fraction": float(y.mean()),
+                "initial_loss": refiner.loss_history[0], "final_loss": refiner.loss_history[-1]}
+    write_json_atomic(d, out_json)
+    return d
+
+
+def load_refiner(path: Path, network: torch.nn.Module, predictor):
+    """(HeatmapRefiner, features dict) from a `refine fit` JSON, checked against this member (clear errors for a
+    missing file, another feature layout, a block the network lacks, a class it does not have)."""
+    from nnunet_kaz.explain.gradcam import resolve_layers
+    from nnunet_kaz.explain.refinement import HeatmapRefiner
+
+    path = Path(path)
+    if not path.is_file():
+        raise KazError(f"refiner file {path} not found (write one with `nnunet-kaz refine fit`)")
+    refiner = HeatmapRefiner.load(path)
+    d = json.loads(path.read_text())
+    features = d.get("features")
+    if not isinstance(features, dict):
+        raise KazError(f"{path} holds no feature layout: it was not written by `nnunet-kaz refine fit`")
+    if features.get("layout") != FEATURE_LAYOUT or features.get("version") != FEATURES_VERSION:
+        raise KazError(f"{path} was fitted on features {features.get('layout')} (version {features.get('version')}); "
+                       f"this version computes {FEATURE_LAYOUT} (version {FEATURES_VERSION}): refit it")
+    try:
+        features["block"] = resolve_layers(network, [features["block"]])[0]
+        features["target_class"], features["margin"] = int(features["target_class"]), int(features["margin"])
+        if features["roi"] not in ROI_MODES:
+            raise ValueError(f"roi {features['roi']!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise KazError(f"{path}: bad feature layout entry {e}") from None
+    except KazError as e:
+        raise KazError(f"{path} was fitted on block {features['block']!r}, which this member's network lacks: "
+                       f"{e}") from None
+    _check_class(predictor, features["target_class"])
+    return refiner, features
+
+
+def refine_probabilities(refiner, m: CaseMaps, target_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(refined probabilities, refined segmentation) of one case; outside the ROI both equal the input."""
+    probs, seg = m.probs.copy(), m.seg.copy()
+    if m.roi is None:
+        return probs, seg
+    roi = (slice(None), *m.roi)
+    new = refiner.refine(m.probs[target_class], m.h, m.roi)[m.roi]
+    rest = m.probs[roi].copy()
+    rest[target_class] = 0.0
+    mass = rest.sum(0)
+    scale = np.where(mass > 1e-8, (1.0 - new) / np.maximum(mass, 1e-8), 0.0)
+    rest *= scale
+    if target_class != 0:  # all old mass was on the target: what it loses goes to the background
+        rest[0] += np.where(mass > 1e-8, 0.0, 1.0 - new)
+    rest[target_class] = new
+    probs[roi] = rest
+    seg[m.roi] = rest.argmax(0)
+    return probs, seg
+
+
+def _squeezed(a: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, list[float]]:
+    keep = [i for i, s in enumerate(a.shape) if s > 1] or [a.ndim - 1]
+    return a.reshape([a.shape[i] for i in keep]), [float(spacing[i]) for i in keep]
+
+
+def effect_row(case: str, before: np.ndarray, after: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+               roi_voxels: int) -> dict:
+    """Dice and HD95 of one class mask before / after refinement against the ground truth (module docstring)."""
+    from nnunet_kaz.evaluation import overlap_metrics, surface_metrics
+
+    row = {"case": case}
+    for tag, pred in (("before", before), ("after", after)):
+        p, sp = _squeezed(pred, spacing)
+        g, _ = _squeezed(gt, spacing)
+        row[f"dice_{tag}"] = overlap_metrics(p, g)["dice"]
+        row[f"hd95_{tag}"] = surface_metrics(p, g, sp)["hd95"]
+    row["roi_voxels"], row["changed_voxels"] = roi_voxels, int(np.count_nonzero(before != after))
+    return row
+
+
+def refine_apply(member_spec: str, images_dir: Path, refiner_json: Path, out_dir: Path, gt_dir: Path | None = None,
+                 device: str = "cpu") -> pd.DataFrame | None:
+    """Refined segmentations CASE.ext and CASE.npz (probabilities, roi) in `out_dir`; with `gt_dir` also
+    refinement_effect.csv (returned). Every input is checked before anything is written."""
+    from nnunet_kaz.explain.loading import load_member
+    from nnunet_kaz.inference import list_cases
+    from nnunet_kaz.inference.export import save_npz, write_segmentation
+
+    predictor, network = load_member(member_spec, device)
+    refiner, features = load_refiner(refiner_json, network, predictor)
+    cls, margin, block, roi_mode = features["target_class"], features["margin"], features["block"], features["roi"]
+    ending = predictor.dataset_json["file_ending"]
+    cases = list_cases(images_dir, predictor.dataset_json)
+    gts = _label_files(gt_dir, list(cases), ending, "ground-truth") if gt_dir is not None else None
+    _check_inputs(cases, gts)
+    rw = predictor.plans_manager.image_reader_writer_class()
+    dtype = np.uint8 if predictor.label_manager.num_segmentation_heads < 255 else np.uint16
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case, files in tqdm(sorted(cases.items()), desc="refine apply: cases"):
+        m = case_maps(predictor, network, block, files, case, cls, margin, roi_mode)
+        gt = _read_label(rw, gts[case], m.seg.shape) if gts is not None else None
+        probs, seg = refine_probabilities(refiner, m, cls)
+        roi = np.array([[s.start, s.stop] for s in m.roi], dtype=np.int64) if m.roi is not None \
+            else np.zeros((0, 2), np.int64)
+        save_npz(out_dir / f"{case}.npz", probabilities=probs.astype(np.float32), roi=roi)
+        write_segmentation(rw, seg.astype(dtype), out_dir / f"{case}{ending}", m.props)
+        if gt is not None:
+            rows.append(effect_row(case, m.seg == cls, seg == cls, gt == cls, m.props["spacing"],
+                                   0 if m.roi is None else int(m.seg[m.roi].size)))
+    if gts is None:
+        return None
+    table = pd.DataFrame(rows, columns=EFFECT_COLUMNS)
+    means = table.drop(columns="case").mean(numeric_only=True)
+    table = pd.concat([table, pd.DataFrame([{"case": "mean", **means.to_dict()}])], ignore_index=True)
+    with atomic_path(out_dir / "refinement_effect.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
