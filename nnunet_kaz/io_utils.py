@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 
 @contextmanager
@@ -53,3 +54,26 @@ def write_json_atomic(obj: Any, target: str | os.PathLike, indent: int = 2) -> N
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent, sort_keys=False)
             f.write("\n")
+
+
+# `.{target}.{8 random chars}.part{suffixes}`: the names atomic_path / atomic_dir give their temporaries
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part(\..*)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, targets: Collection[str] | None = None) -> list[Path]:
+    """Remove the temporaries that atomic_path / atomic_dir left in `folder` when their process was killed
+    (SIGKILL, power loss: their clean-up never ran); only those of the target names `targets` when given
+    (other processes may be writing the rest). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = TEMPORARY_NAME.match(p.name)
+        if m and (targets is None or m.group("target") in targets):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

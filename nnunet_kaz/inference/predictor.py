@@ -6,7 +6,7 @@ sliding window; each sample's probabilities (softmax, or sigmoid for regions: ne
 `StreamingStats` and dropped. Outputs go to the input's geometry; each file is written under a temporary
 name and renamed, the segmentation last, so a case is finished exactly when its segmentation exists.
 Every input file is checked (`nnunet_kaz.input_checks`) before anything is written; a rerun skips finished
-cases.
+cases and removes the temporaries a killed run left behind.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, w
 from nnunet_kaz.inference.members import Member, check_compatible, load_checkpoint
 from nnunet_kaz.inference.sliding_window import dropout_modules, predict_samples, set_mc_dropout
 from nnunet_kaz.input_checks import check_case_files
-from nnunet_kaz.io_utils import atomic_path, write_json_atomic
+from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.trainers.seeding import derive_seed
 from nnunet_kaz.uncertainty.measures import (
     binary_entropy,
@@ -215,6 +215,11 @@ class UncertaintyPredictor:
         for case in tqdm(todo, desc="checking inputs", disable=not self.verbose or len(todo) < 20):
             check_case_files(cases[case])
         output_dir.mkdir(parents=True, exist_ok=True)
+        # temporaries of a killed run (SIGKILL skips atomic_path's clean-up): all of them when this process is
+        # the folder's only writer, else those of the cases it redoes
+        stale = None if num_parts == 1 else {n for c in todo for n in self._case_files(c)}
+        for folder in (output_dir, output_dir / "kaz_export"):
+            remove_stale_temporaries(folder, stale)
         self._write_run_info(output_dir)
         if len(todo) < len(mine):
             print(f"{len(mine) - len(todo)} case(s) already predicted in {output_dir}, skipped (--overwrite redoes)")
@@ -248,6 +253,13 @@ class UncertaintyPredictor:
         export = chain.apply(probs, image, spacing).segmentation if len(in_geometry.steps) < len(chain.steps) \
             else None
         return seg, export
+
+    def _case_files(self, case: str) -> list[str]:
+        """Names of the files `write_case` writes for a case (in the output folder and in kaz_export/)."""
+        ending = self.dataset_json["file_ending"]
+        return [f"{case}.npz", f"{case}_uncertainty.npz", f"{case}_entropy{ending}", f"{case}_mi{ending}",
+                f"{case}_scores.json", f"{case}{ending}", f"{case}.bmp",
+                *(f"{case}_prob_{label}{ending}" for _, label in self._foreground())]
 
     def write_case(self, result: dict, props: dict, out_stem: Path) -> None:
         ending = self.dataset_json["file_ending"]
