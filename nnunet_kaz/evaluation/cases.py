@@ -209,6 +209,8 @@ def load_probabilities(path: Path, spatial: tuple[int, ...]) -> np.ndarray:
     sample = probs.reshape(probs.shape[0], -1)[:, :: max(1, probs[0].size // 100_000)]
     if not np.all(np.isfinite(sample)) or np.any(sample < -1e-6) or np.any(sample > 1 + 1e-6):
         raise KazError(f"{path}: probabilities must lie in [0, 1]")
+    if not np.isfinite(probs.sum(dtype=np.float64)):  # every voxel (the sample above skips most of a volume)
+        raise KazError(f"{path}: probabilities hold NaN or infinite values")
     if not np.allclose(sample.sum(0), 1.0, atol=1e-3):
         raise KazError(f"{path}: probabilities do not sum to 1 over the class axis (region-based / sigmoid "
                        "outputs are not supported)")
