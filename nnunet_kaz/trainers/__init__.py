@@ -4,25 +4,42 @@
 Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nnUNetTrainerSGDR,
 nnUNetTrainerDropout, nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads (paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX
-(`mhex_trainer`). Named variants (short schedules, dropout rates, seeds) live in
-`variants`.
-"""
-from nnunet_kaz.paths import trainer_dir
-from nnunet_kaz.trainers import variants as _variants
-from nnunet_kaz.trainers.augmentation import PaperDAMixin, PaperDARecipe
-from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout
-from nnunet_kaz.trainers.losses import build_logdice_ce_loss
-from nnunet_kaz.trainers.mhex_trainer import MHEXTrainerMixin, XBoundNetTrainerMHEX, nnUNetTrainerMHEX
-from nnunet_kaz.trainers.seeding import SeededTrainerMixin
-from nnunet_kaz.trainers.sgdr_trainer import SGDRSnapshotMixin, XBoundNetTrainerSGDR, nnUNetTrainerSGDR
-from nnunet_kaz.trainers.variants import *  # noqa: F401,F403  (the named variants)
-from nnunet_kaz.trainers.weighted_ce import WeightedCEMixin, XBoundNetTrainerWCE, nnUNetTrainerWCE
-from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, XBoundNetTrainer_Adam
+(`mhex_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
 
-__all__ = [
-    "XBoundNetTrainer", "XBoundNetTrainer_Adam", "XBoundNetTrainerSGDR", "nnUNetTrainerSGDR",
-    "nnUNetTrainerDropout", "SGDRSnapshotMixin", "SeededTrainerMixin", "build_logdice_ce_loss", "trainer_dir",
-    "nnUNetTrainerWCE", "XBoundNetTrainerWCE", "WeightedCEMixin", "PaperDAMixin", "PaperDARecipe",
-    "XBoundNetTrainerMHEX", "nnUNetTrainerMHEX", "MHEXTrainerMixin",
-    *_variants.__all__,
-]
+Exports are lazy (nnunet_kaz.lazy), so `nnunet-kaz trainer-dir` does not import nnU-Net; `__all__` (and so
+`from nnunet_kaz.trainers import *`, which the trainer folder's module does) includes every named variant.
+"""
+import importlib
+
+from nnunet_kaz.lazy import lazy_exports
+
+_EXPORTS = {
+    "trainer_dir": "nnunet_kaz.paths",
+    "XBoundNetTrainer": "xboundnet_trainer", "XBoundNetTrainer_Adam": "xboundnet_trainer",
+    "build_logdice_ce_loss": "losses",
+    "XBoundNetTrainerSGDR": "sgdr_trainer", "nnUNetTrainerSGDR": "sgdr_trainer", "SGDRSnapshotMixin": "sgdr_trainer",
+    "nnUNetTrainerDropout": "dropout_trainer", "SeededTrainerMixin": "seeding",
+    "nnUNetTrainerWCE": "weighted_ce", "XBoundNetTrainerWCE": "weighted_ce", "WeightedCEMixin": "weighted_ce",
+    "PaperDAMixin": "augmentation", "PaperDARecipe": "augmentation",
+    "XBoundNetTrainerMHEX": "mhex_trainer", "nnUNetTrainerMHEX": "mhex_trainer", "MHEXTrainerMixin": "mhex_trainer",
+}
+_static_getattr, _static_dir = lazy_exports(__name__, {k: v for k, v in _EXPORTS.items() if "." not in v})
+
+
+def __getattr__(name: str):
+    if name == "trainer_dir":
+        from nnunet_kaz.paths import trainer_dir
+
+        return trainer_dir
+    if name in _EXPORTS:
+        return _static_getattr(name)
+    variants = importlib.import_module(f"{__name__}.variants")
+    if name == "__all__":
+        return [*_EXPORTS, *variants.__all__]
+    if name in variants.__all__:
+        return getattr(variants, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__getattr__("__all__"))
