@@ -159,11 +159,15 @@ class UncertaintyPredictor:
             mirror_axes = net.mirror_axes if self.mirror else None
             for b in chunks:
                 logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes, self.device)
-                stats.add(self.label_manager.apply_inference_nonlin(logits.view(-1, *logits.shape[2:]))
-                          .view(logits.shape))
+                stats.add(self.probabilities(logits))
                 bar.update(b)
         bar.close()
         return stats.result()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) logits of B samples -> each sample's probabilities with nnU-Net's own nonlinearity
+        (softmax over the classes, or sigmoid for regions), one sample at a time."""
+        return torch.stack([self.label_manager.apply_inference_nonlin(sample) for sample in logits])
 
     def finalize(self, stats: AccumulatedStats, props: dict) -> dict:
         """Maps in the input geometry and per-class scores."""
