@@ -12,6 +12,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.mc_batch is None:  # batching samples pays on GPUs; on CPUs one at a time is faster and leaner
+        args.mc_batch = 1 if args.device == "cpu" else 8  # (benchmarks/README.md, bench_predictor)
 
     members = [parse_member(m) for m in args.m]
     calibration = chain = None
@@ -45,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", type=Path, required=True, help="output folder")
     p.add_argument("-m", nargs="+", required=True, metavar="MEMBER", help="RESULTS_DIR[:FOLDS[:CHECKPOINTS]]")
     p.add_argument("--mc", type=int, default=0, help="MC-dropout samples per model (0: dropout off)")
-    p.add_argument("--mc-batch", type=int, default=8, help="samples predicted together per tile (memory)")
+    p.add_argument("--mc-batch", type=int, default=None,
+                   help="samples predicted together per tile (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring as nnU-Net (off by default)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window tile step (default 0.5)")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
