@@ -1,0 +1,117 @@
+"""Conformal risk control of the false-negative rate: exact lambda-hat by hand and by brute force, coverage."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnunet_kaz.conformal import FNRControl, false_negative_rate, min_cases
+from nnunet_kaz.errors import KazError
+
+
+def _cases_by_hand():
+    # case A: labelled probabilities 0.9, 0.6, 0.6 (a tie), 0.2; case B: label absent; case C: 0.8, 0.3
+    a_p = np.array([0.9, 0.6, 0.6, 0.2, 0.95, 0.1])
+    a_y = np.array([1, 1, 1, 1, 0, 0], bool)
+    b_p = np.array([0.7, 0.4, 0.99])
+    b_y = np.zeros(3, bool)
+    c_p = np.array([[0.8, 0.3], [0.5, 0.05]])
+    c_y = np.array([[1, 1], [0, 0]], bool)
+    return [(a_p, a_y), (b_p, b_y), (c_p, c_y)]
+
+
+def test_lambda_hat_by_hand_with_ties_and_an_absent_label():
+    # n = 3, alpha = 0.5: need 3/4 R(t) + 1/4 <= 1/2, i.e. mean FNR R(t) <= 1/3.
+    # t = 0.6: A misses only 0.2 (the tied 0.6s are in the mask) -> 1/4; B -> 0; C misses 0.3 -> 1/2; R = 1/4.
+    # t = 0.8: A misses 0.2, 0.6, 0.6 -> 3/4; C -> 1/2; R = 5/12 > 1/3. So t = 0.6, lambda = 0.4.
+    ctl = FNRControl(alpha=0.5).fit(_cases_by_hand())
+    assert ctl.threshold_ == 0.6
+    assert ctl.lambda_hat_ == pytest.approx(0.4)
+    assert ctl.validation_risk_ == pytest.approx(0.25)
+    assert ctl.n_cases_ == 3 and ctl.n_cases_with_label_ == 2
+    np.testing.assert_array_equal(ctl.transform(np.array([0.59, 0.6, 0.61])), [False, True, True])
+
+
+def _brute_force_threshold(cases, alpha):
+    """Smallest lambda on every candidate (1 - each probability value, and 0, 1) that meets eq. 4, evaluated with the
+    per-case FNR directly."""
+    n = len(cases)
+    values = np.unique(np.concatenate([p.ravel() for p, _ in cases] + [np.array([0.0, 1.0])]))
+    best = None
+    for t in values[::-1]:  # largest threshold first = smallest lambda
+        risk = np.mean([false_negative_rate(p, y, t) for p, y in cases])
+        if n / (n + 1) * risk + 1 / (n + 1) <= alpha + 1e-12:
+            best = t
+            break
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lambda_hat_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(int(rng.integers(12, 30))):
+        shape = tuple(int(s) for s in rng.integers(2, 9, size=int(rng.integers(1, 4))))
+        p = np.round(rng.random(shape), 2)  # rounding makes ties
+        y = rng.random(shape) < (0.0 if i % 5 == 0 else 0.4)  # every fifth case has no label
+        cases.append((p, y))
+    for alpha in (0.1, 0.2, 0.35):
+        ctl = FNRControl(alpha=alpha).fit(cases)
+        assert ctl.threshold_ == _brute_force_threshold(cases, alpha)
+
+
+def test_label_absent_everywhere_gives_the_smallest_mask():
+    cases = [(np.random.default_rng(i).random(10), np.zeros(10, bool)) for i in range(10)]
+    assert FNRControl(alpha=0.1).fit(cases).threshold_ == 1.0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5])
+def test_alpha_outside_the_open_interval_is_refused(alpha):
+    with pytest.raises(KazError, match="alpha"):
+        FNRControl(alpha=alpha).fit(_cases_by_hand())
+
+
+def test_too_few_cases_for_the_bound():
+    assert min_cases(0.1) == 9 and min_cases(0.05) == 19 and min_cases(0.2) == 4
+    cases = [(np.array([0.5]), np.array([True]))] * 8
+    with pytest.raises(KazError, match="at least 9"):
+        FNRControl(alpha=0.1).fit(cases)
+    FNRControl(alpha=0.1).fit(cases + cases[:1])  # nine are enough
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(KazError, match="does not match"):
+        FNRControl(alpha=0.5).fit([(np.zeros((2, 3)), np.zeros((3, 2), bool))] * 3)
+
+
+def synthetic_cases(rng: np.random.Generator, n: int, size: int = 24):
+    """Exchangeable toy cases: a disc of random radius (absent in ~10% of cases), probabilities a noisy sigmoid of
+    the signed distance to a shifted, rescaled disc (a model that is sometimes too small, sometimes too large)."""
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        c = size / 2 + rng.normal(0, 2, 2)
+        r = rng.uniform(3, 8) if rng.random() > 0.1 else 0.0
+        d = np.hypot(yy - c[0], xx - c[1])
+        label = d <= r
+        r_model = max(r * rng.uniform(0.7, 1.2), 1.0)
+        logit = 1.5 * (r_model - np.hypot(yy - c[0] - rng.normal(0, 1), xx - c[1] - rng.normal(0, 1)))
+        p = 1 / (1 + np.exp(-(logit + rng.normal(0, 1.0, label.shape))))
+        out.append((p, label))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
+def test_coverage_over_random_draws(alpha):
+    """Theorem 1: E[FNR of a new case] <= alpha. Over 200 independent draws of 40 validation and 40 test cases the
+    mean realised test FNR stays below alpha plus 3 standard errors, and not far below (the bound is tight up to
+    ~2/(n+1) for continuous scores)."""
+    rng = np.random.default_rng(int(alpha * 1000))
+    realised = []
+    for _ in range(200):
+        cases = synthetic_cases(rng, 80)
+        ctl = FNRControl(alpha=alpha).fit(cases[:40])
+        realised.append(np.mean([false_negative_rate(p, y, ctl.threshold_) for p, y in cases[40:]]))
+    realised = np.asarray(realised)
+    se = realised.std(ddof=1) / np.sqrt(realised.size)
+    assert realised.mean() <= alpha + 3 * se
+    assert realised.mean() >= alpha - 2 / 41 - 3 * se
