@@ -13,8 +13,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetNumpy
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunet_kaz.trainers import XBoundNetTrainer_paperDA
-from nnunet_kaz.trainers.augmentation import (PaperDARecipe, PaperSpatialTransform, SpatialDraw,
-                                              paper_initial_patch_size)
+from nnunet_kaz.trainers.augmentation import (PaperDARecipe, PaperSpatialTransform, SpatialDraw, centered_grid,
+                                              paper_initial_patch_size, to_grid_sample_grid)
 from nnunet_kaz.trainers.weighted_ce import (CLASS_WEIGHTS_FILE, WeightedCEMixin, build_weighted_ce_loss,
                                              count_classes, inverse_frequency_weights)
 
@@ -157,6 +157,26 @@ def test_paper_da_pipeline_3d_regions_ignore_label_and_in_plane_only():
     for _ in range(10):
         res = spatial(image=volume.clone())["image"]
         assert res[0, :, 12, 12].tolist() == pytest.approx(list(range(6)), abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(7, 10), (5, 6, 9)])
+def test_own_sampling_grid_equals_torch_affine_grid_identity(shape):
+    """The grid built without batchgeneratorsv2's private helpers: on a patch of the input's own shape the
+    identity grid is torch's affine_grid(identity, align_corners=False), and grid_sample returns the input."""
+    grid = to_grid_sample_grid(centered_grid(shape), shape)
+    dim = len(shape)
+    theta = torch.eye(dim, dim + 1)[None]
+    ref = torch.nn.functional.affine_grid(theta, [1, 1, *shape], align_corners=False)[0]
+    assert grid.shape == (*shape, dim) and torch.allclose(grid, ref, atol=1e-6)
+    x = torch.randn(1, 1, *shape)
+    out = torch.nn.functional.grid_sample(x, grid[None], align_corners=False)
+    assert torch.allclose(out, x, atol=1e-5)
+    # a smaller patch is the centred crop (3 pixels on odd axes, 2 on even ones): exact pixels, no interpolation
+    size = [3 if s % 2 else 2 for s in shape]
+    crop = to_grid_sample_grid(centered_grid(size), shape)
+    ref_crop = x[(0, 0, *[slice((s - c) // 2, (s - c) // 2 + c) for s, c in zip(shape, size)])]
+    got = torch.nn.functional.grid_sample(x, crop[None], align_corners=False)[0, 0]
+    assert torch.allclose(got, ref_crop, atol=1e-5)
 
 
 def test_paper_spatial_draws_are_exact_flips_and_shifts():

@@ -13,7 +13,11 @@ transformations ... independently, there was a 30% chance of a photometric adjus
   one f for all channels, clipped to the sample's range as nnU-Net's ContrastTransform does (preserve_range).
 
 Every spatial transform is one affine resampling with nnU-Net's SpatialTransform machinery (bilinear image,
-per-label bilinear argmax for the segmentation, padding seg -1 -> background). Without a spatial transform the
+per-label bilinear argmax for the segmentation, padding seg -1 -> background). The sampling grid is built here
+(`centered_grid`, `to_grid_sample_grid`): batchgeneratorsv2 has no public API for it, and its private helpers are
+not used. What is still relied on is SpatialTransform's parameter contract (`get_parameters` returns
+`center_location_in_pixels` and a grid_sample `grid` or None, which `_apply_to_image` / `_apply_to_segmentation`
+consume), checked with batchgeneratorsv2 0.3.6; pyproject.toml pins the range. Without a spatial transform the
 patch is only center-cropped, as nnU-Net does.
 
 2D and 3D: the transforms act in the plane of the last two axes. In 3D every slice along axis 0 gets the same
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
-from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform, _convert_my_grid_to_grid_sample_grid
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
@@ -71,6 +75,21 @@ def plane_axes(dim: int) -> tuple[int, int]:
     if dim not in (2, 3):
         raise ValueError(f"paper augmentation needs 2D or 3D patches, got {dim} spatial axes")
     return (dim - 2, dim - 1)
+
+
+def centered_grid(patch_size: Sequence[int]) -> torch.Tensor:
+    """Pixel offsets of every output-patch pixel from the patch centre, (*patch, dim) float32, axis order as the
+    array's: entry [i, j, ..., d] = index_d - (size_d - 1) / 2."""
+    axes = [torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in patch_size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+
+
+def to_grid_sample_grid(offsets: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Pixel offsets from the centre of an input of spatial `shape` -> torch `grid_sample` coordinates
+    (align_corners=False: -1 and 1 are the outer edges of the border pixels, so offset o on an axis of size s is
+    o / (s / 2)), with the last dimension reversed to grid_sample's (x, y[, z]) order."""
+    scale = torch.tensor([s / 2 for s in shape], dtype=offsets.dtype)
+    return torch.flip(offsets / scale, (offsets.ndim - 1,))
 
 
 def affine_of(draw: SpatialDraw, dim: int) -> np.ndarray:
@@ -125,10 +144,10 @@ class PaperSpatialTransform(SpatialTransform):
                     "draw": None}
         dim = len(shape)
         affine = affine_of(draw, dim)
-        grid = self._get_base_grid_clone()  # output pixel offsets from the patch centre, (*patch, dim)
+        grid = centered_grid(self.patch_size)  # output pixel offsets from the patch centre, (*patch, dim)
         grid = torch.matmul(grid, torch.from_numpy(affine.T).float())
         grid += torch.tensor(list(draw.shift) or [0.0] * dim, dtype=grid.dtype)
-        grid = _convert_my_grid_to_grid_sample_grid(grid, shape)
+        grid = to_grid_sample_grid(grid, shape)
         return {"center_location_in_pixels": center, "grid": grid, "affine": affine, "elastic_offsets": None,
                 "draw": draw}
 
@@ -199,4 +218,4 @@ class PaperDAMixin:
 
 
 __all__ = ["PaperDARecipe", "SpatialDraw", "PaperSpatialTransform", "PaperDAMixin", "paper_training_transforms",
-           "paper_initial_patch_size", "plane_axes", "affine_of"]
+           "paper_initial_patch_size", "plane_axes", "affine_of", "centered_grid", "to_grid_sample_grid"]
