@@ -11,10 +11,12 @@ from nnunet_kaz.uncertainty import (
     binary_entropy,
     coefficient_of_variation,
     labelled_uncertainty,
+    mean_pairwise_dice,
     normalized_entropy,
     pooled_pairwise_dice,
     relunet_score,
 )
+from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 
 
 def test_entropy_of_a_coin_is_one_and_certainty_is_zero():
@@ -81,10 +83,152 @@ def test_identical_samples_have_no_mutual_information_or_variance():
 
 def test_relunet_score_is_total_entropy_over_contour_pixels():
     p = np.zeros((7, 7))
-    p[2:5, 2:5] = 0.9  # a 3x3 mask; its face-connected outer ring has 12 pixels
+    p[2:5, 2:5] = 0.9  # a 3x3 mask: its face-connected outer ring has 12 pixels, its 3x3-square ring 16
     h = binary_entropy(p)
-    assert relunet_score(p, h) == pytest.approx(h.sum() / 12)
+    assert relunet_score(p, h, convention="cross") == pytest.approx(h.sum() / 12)
+    assert relunet_score(p, h) == pytest.approx(100 * h.sum() / 16)  # authors' convention is the default
     assert math.isnan(relunet_score(np.zeros((5, 5)), np.zeros((5, 5))))
+
+
+def _brute_force_ring(mask, neighbours):
+    """Pixels outside `mask` with a neighbour (offsets) inside it, by an explicit loop."""
+    ring = 0
+    h, w = mask.shape
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x]:
+                continue
+            ring += any(0 <= y + dy < h and 0 <= x + dx < w and mask[y + dy, x + dx] for dy, dx in neighbours)
+    return ring
+
+
+def test_relunet_score_of_a_disc_of_radius_10_in_both_conventions():
+    import cv2
+
+    yy, xx = np.mgrid[:31, :33]
+    disc = (yy - 15) ** 2 + (xx - 16) ** 2 <= 100
+    n_disc = sum(1 for y in range(-10, 11) for x in range(-10, 11) if x * x + y * y <= 100)
+    assert disc.sum() == n_disc == 317
+    p = np.where(disc, 0.8, 0.0)
+    h = binary_entropy(p)
+    total = n_disc * -(0.8 * math.log2(0.8) + 0.2 * math.log2(0.2))  # entropy only inside the disc
+    square = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    cross = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    ring_square, ring_cross = _brute_force_ring(disc, square), _brute_force_ring(disc, cross)
+    # the authors' contour: cv2.dilate(mask, np.ones((3, 3))) - mask
+    u8 = disc.astype(np.uint8)
+    assert int((cv2.dilate(u8, np.ones((3, 3), np.uint8)) - u8).sum()) == ring_square
+    assert ring_square > ring_cross
+    assert relunet_score(p, h) == pytest.approx(100 * total / ring_square)
+    assert relunet_score(p, h, convention="cross") == pytest.approx(total / ring_cross)
+    # 3D, authors' convention: slice by slice along the first axis (cv2 on each slice), nothing across slices
+    vol = np.stack([disc, np.zeros_like(disc), disc])
+    pv = np.where(vol, 0.8, 0.0)
+    assert relunet_score(pv, binary_entropy(pv)) == pytest.approx(100 * 2 * total / (2 * ring_square))
+    # the cross spreads across slices: the empty middle slice gains the two discs' shadow (317 voxels)
+    assert relunet_score(pv, binary_entropy(pv), convention="cross") == pytest.approx(
+        2 * total / (2 * ring_cross + 317))
+
+
+def _exact_mean_pairwise_dice(masks):
+    """Paper 004: the mean over all pairs of their Dice, pair by pair (empty pair: 1)."""
+    dices = []
+    for i, j in itertools.combinations(range(len(masks)), 2):
+        a, b = masks[i], masks[j]
+        denom = a.sum() + b.sum()
+        dices.append(2 * (a & b).sum() / denom if denom else 1.0)
+    return float(np.mean(dices))
+
+
+def _binary_samples(masks):
+    fg = np.asarray(masks, dtype=np.float32) * 0.9 + 0.05
+    return np.stack([1 - fg, fg], 1)
+
+
+def test_pairwise_dice_of_nine_identical_samples_and_one_empty_is_0_8():
+    mask = np.zeros((6, 7), bool)
+    mask[1:4, 2:6] = True
+    masks = [mask] * 9 + [np.zeros_like(mask)]
+    stats = StreamingStats(2, mask.shape)
+    for s in _binary_samples(masks):
+        stats.add(torch.from_numpy(s))
+    r = stats.result()
+    assert r.pairwise_dice(1) == pytest.approx(36 / 45) == pytest.approx(0.8)
+    assert pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]) == pytest.approx(8 / 9)  # the pooled variant
+    assert math.isnan(r.pairwise_dice(0))  # background is not tracked
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (3, 5, 7), (1, 13, 10)])
+def test_streamed_pairwise_dice_equals_pair_by_pair_on_random_masks(shape):
+    """Masks of different sizes in different places (the frame grows and is re-packed), some empty, the first
+    ones empty (before any frame exists), added one at a time and in batches."""
+    rng = np.random.default_rng(3)
+    masks = [np.zeros(shape, bool), np.zeros(shape, bool)]
+    for k in range(12):
+        m = np.zeros(shape, bool)
+        if k % 5 != 3:
+            lo = [int(rng.integers(0, n)) for n in shape]
+            box = tuple(slice(a, a + int(rng.integers(1, n - a + 1))) for a, n in zip(lo, shape))
+            m[box] = rng.random(m[box].shape) < 0.7
+        masks.append(m)
+    samples = _binary_samples(masks)
+    one, batched = StreamingStats(2, shape), StreamingStats(2, shape)
+    for s in samples:
+        one.add(torch.from_numpy(s))
+    for start in range(0, len(samples), 4):
+        batched.add(torch.from_numpy(samples[start:start + 4]))
+    expected = _exact_mean_pairwise_dice(masks)
+    assert one.result().pairwise_dice(1) == pytest.approx(expected, rel=1e-12)
+    assert batched.result().pairwise_dice(1) == pytest.approx(expected, rel=1e-12)
+    inter = one.result().intersections[1]
+    brute = np.array([[(a & b).sum() for b in masks] for a in masks])
+    np.testing.assert_array_equal(inter, brute)
+    assert mean_pairwise_dice(brute, brute.diagonal()) == pytest.approx(expected)
+
+
+def test_pairwise_masks_are_kept_only_over_the_union_bounding_box():
+    shape = (40, 64, 64)
+    stats = StreamingStats(2, shape)
+    mask = np.zeros(shape, bool)
+    mask[10:18, 20:36, 30:46] = True  # an 8 x 16 x 16 box = 2048 voxels -> 32 words of 8 bytes per sample
+    for s in _binary_samples([mask] * 5):
+        stats.add(torch.from_numpy(s[None]))
+    assert stats.pairwise_nbytes == 5 * 2048 // 8
+
+
+def test_streaming_variance_is_accurate_for_small_variances():
+    """Issue 14.6: samples around p ~ 0.5 with variance ~1e-6, against numpy in float64. E[p^2] - E[p]^2 in
+    float32 loses this (checked below, so the test would fail on the old accumulator)."""
+    rng = np.random.default_rng(0)
+    n, shape = 50, (3, 8, 9)
+    fg = (0.5 + 0.3 * rng.random(shape) + 1e-3 * rng.standard_normal((n, *shape))).astype(np.float32)
+    samples = np.stack([1 - fg, fg], 1)
+    reference = samples.astype(np.float64).var(0)
+    assert 5e-7 < reference[1].mean() < 2e-6
+    stats = StreamingStats(2, shape)
+    for start in (0, 1, 4, 11, 30):  # uneven batches
+        stop = {0: 1, 1: 4, 4: 11, 11: 30, 30: n}[start]
+        stats.add(torch.from_numpy(samples[start:stop]))
+    r = stats.result()
+    np.testing.assert_allclose(r.variance, reference, rtol=1e-3)
+    np.testing.assert_allclose(r.mean, samples.astype(np.float64).mean(0), rtol=1e-6)
+    t = torch.from_numpy(samples)
+    naive = ((t * t).sum(0) / n - (t.sum(0) / n) ** 2).numpy()
+    assert np.abs(naive - reference).max() / reference.max() > 1e-2  # the old formula's error
+
+
+def test_class_scores_columns():
+    masks = [np.pad(np.ones((3, 3), bool), 2)] * 3 + [np.pad(np.ones((2, 3), bool), ((2, 3), (2, 2)))]
+    samples = _binary_samples(masks)
+    stats = StreamingStats(2, masks[0].shape)
+    stats.add(torch.from_numpy(samples))
+    r = stats.result()
+    row = class_scores(r, 1, r.mean[1], -r.mean_plogp[1])
+    assert set(row) | {"case", "label", "n_members", "n_samples"} == set(SCORE_COLUMNS)
+    assert row["pairwise_dice"] == pytest.approx(_exact_mean_pairwise_dice(masks))
+    assert row["pairwise_dice_pooled"] == pytest.approx(pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]))
+    assert row["pairwise_dice"] != pytest.approx(row["pairwise_dice_pooled"])
+    assert row["relunet_score"] == pytest.approx(relunet_score(r.mean[1], binary_entropy(r.mean[1])))
 
 
 def test_edge_cases_are_defined():

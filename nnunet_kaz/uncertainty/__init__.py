@@ -4,11 +4,15 @@ from nnunet_kaz.uncertainty.measures import (
     class_entropy_bits,
     coefficient_of_variation,
     labelled_uncertainty,
+    mean_pairwise_dice,
     normalized_entropy,
     pooled_pairwise_dice,
+    relunet_contour,
     relunet_score,
 )
-from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats
+from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
+from nnunet_kaz.uncertainty.streaming import AccumulatedStats, PairwiseIntersections, StreamingStats
 
 __all__ = ["binary_entropy", "class_entropy_bits", "coefficient_of_variation", "labelled_uncertainty",
-           "normalized_entropy", "pooled_pairwise_dice", "relunet_score", "AccumulatedStats", "StreamingStats"]
+           "mean_pairwise_dice", "normalized_entropy", "pooled_pairwise_dice", "relunet_contour", "relunet_score",
+           "SCORE_COLUMNS", "class_scores", "AccumulatedStats", "PairwiseIntersections", "StreamingStats"]

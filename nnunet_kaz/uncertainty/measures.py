@@ -69,20 +69,49 @@ def class_entropy_bits(probs: np.ndarray) -> np.ndarray:
     return -_xlogx(probs).sum(0) / np.log(2.0)
 
 
-def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.ndarray | None = None) -> float:
+RELUNET_CONVENTIONS = ("authors", "cross")
+
+
+def relunet_contour(mask: np.ndarray, convention: str = "authors") -> np.ndarray:
+    """The contour of paper 002 eq. 7-8: the voxels the dilation I* = I (+) A adds to the mask I.
+
+    - "authors" (Rel-UNet's code, `uncertainty_from_mask_and_valmap`: `cv2.dilate(mask, np.ones((3, 3)))` on
+      each 2D slice): A is a 3x3 square in the last two axes, so a 3D volume is dilated slice by slice along
+      its first axis (nnU-Net's (z, y, x) order) and nothing spreads across slices.
+    - "cross": A is the face-connected cross of the mask's dimensionality (radius 1), across slices in 3D.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if convention == "authors":
+        structure = np.ones((1,) * (mask.ndim - 2) + (3, 3) if mask.ndim >= 2 else (3,), dtype=bool)
+    elif convention == "cross":
+        structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    else:
+        raise ValueError(f"unknown Rel-UNet convention {convention!r} (choose from {', '.join(RELUNET_CONVENTIONS)})")
+    return ndimage.binary_dilation(mask, structure) & ~mask
+
+
+def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.ndarray | None = None,
+                  convention: str = "authors") -> float:
     """Rel-UNet's per-image uncertainty score (paper 002 eq. 5-9) for one class.
 
     I = (mean probability of the class >= 0.5) (eq. 5), H_total = sum of `entropy_map` over the image (eq. 6),
-    I* = I dilated by the structuring element A (eq. 7; default: face connectivity, radius 1),
-    contour = I* - I (eq. 8, the ring of voxels the dilation adds), score = H_total / |contour| (eq. 9).
-    `entropy_map` is the class-specific binary entropy in bits. An empty mask has no contour: NaN.
+    I* = I dilated by the structuring element A (eq. 7), contour = I* - I (eq. 8, the ring of voxels the
+    dilation adds), score = H_total / |contour| (eq. 9). `entropy_map` is the class entropy in bits (paper 002
+    eq. 4; for one class of a binary problem its binary entropy in bits).
+
+    The paper leaves A and the scale open; by default (`convention="authors"`) they are the authors' code's
+    (AUTHORS_CODE.md): A = 3x3 square per 2D slice and the score multiplied by 100, the scale on which paper
+    002's Fig. 7 threshold (score < 0.5) was drawn. `convention="cross"`: a face-connected cross over all axes
+    and no factor (this package's earlier definition, the `relunet_score_cross` column). An explicit
+    `structure` replaces A (no factor). An empty mask has no contour: NaN.
     """
-    mask = p_class >= 0.5
-    if structure is None:
-        structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    contour = ndimage.binary_dilation(mask, structure) & ~mask
+    mask = np.asarray(p_class) >= 0.5
+    if structure is not None:
+        contour, factor = ndimage.binary_dilation(mask, structure) & ~mask, 1.0
+    else:
+        contour, factor = relunet_contour(mask, convention), (100.0 if convention == "authors" else 1.0)
     n = int(contour.sum())
-    return float(entropy_map.sum() / n) if n else float("nan")
+    return float(factor * entropy_map.sum() / n) if n else float("nan")
 
 
 def coefficient_of_variation(volumes: np.ndarray) -> float:
@@ -95,14 +124,36 @@ def coefficient_of_variation(volumes: np.ndarray) -> float:
     return float(v.var() / (v.mean() + 1.0))
 
 
-def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
-    """Mean pairwise Dice of the binarised samples (paper 004's D_pw), pooled over all pairs so it streams:
+def mean_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
+    """Paper 004's mean pairwise Dice of N binarised samples, exactly as its equation defines it:
 
-        D_pw = 2 * sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
-             = 2 * sum_x C(k_x, 2) / ((N - 1) * sum_i |S_i|),
+        D_pw = 1 / C(N, 2) * sum_{i<j} 2 |S_i & S_j| / (|S_i| + |S_j|),
+
+    from the (N, N) matrix of pairwise intersections |S_i & S_j| and the volumes |S_i| (`StreamingStats`
+    accumulates both from bit-packed sample masks). A pair of two empty masks agrees (Dice 1); one empty mask
+    against a non-empty one has Dice 0. Fewer than two samples: NaN. Nine identical samples and one empty
+    one give 36 / 45 = 0.8 (the pooled variant, `pooled_pairwise_dice`, gives 0.889)."""
+    v = np.asarray(volumes, dtype=np.float64)
+    n = v.size
+    if n < 2:
+        return float("nan")
+    inter = np.asarray(intersections, dtype=np.float64)
+    i, j = np.triu_indices(n, 1)
+    denom = v[i] + v[j]
+    dice = np.where(denom > 0, 2.0 * inter[i, j] / np.where(denom > 0, denom, 1.0), 1.0)
+    return float(dice.mean())
+
+
+def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
+    """A pooled variant of paper 004's mean pairwise Dice (not the paper's definition, which is
+    `mean_pairwise_dice`; kept as the `pairwise_dice_pooled` column): one ratio over all pairs,
+
+        D_pooled = 2 * sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
+                 = 2 * sum_x C(k_x, 2) / ((N - 1) * sum_i |S_i|),
 
     with k_x the number of samples whose mask holds voxel x (`count_map`) and N the number of samples. It
-    equals the plain mean of the pairwise Dice scores when all samples have the same volume. Fewer than two
+    equals the mean of the pairwise Dice scores when all samples have the same volume and is biased upward
+    when they do not (nine identical samples and one empty: 0.889 against the paper's 0.800). Fewer than two
     samples: NaN. All samples empty: 1 (they agree).
     """
     v = np.asarray(volumes, dtype=np.float64)

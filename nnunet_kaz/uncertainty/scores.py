@@ -1,0 +1,45 @@
+"""Per-image uncertainty scores of one case and foreground class: the columns of `scores.csv`.
+
+One function so the predictor writes whatever columns the scores are, and each column's definition sits next
+to its paper (see measures.py for the equations).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nnunet_kaz.uncertainty.measures import (
+    binary_entropy,
+    coefficient_of_variation,
+    labelled_uncertainty,
+    pooled_pairwise_dice,
+    relunet_score,
+)
+from nnunet_kaz.uncertainty.streaming import AccumulatedStats
+
+SCORE_COLUMNS = ["case", "label", "mean_entropy", "relunet_score", "relunet_score_cross", "cv", "pairwise_dice",
+                 "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
+
+
+def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_sample: np.ndarray,
+                 voxel_volume_ratio: float = 1.0) -> dict:
+    """Scores of one class from the uncalibrated samples (paper 000 section 2.3, paper 002, paper 004).
+
+    `p_class`: the mean probability of the class in the input geometry; `u_sample`: paper 004's
+    U(x) = -(1/N) sum_i p_i ln p_i of the class in the input geometry; `voxel_volume_ratio`: input voxels per
+    voxel of the space the samples were added in (CV is in input voxels).
+    - mean_entropy: mean binary entropy (bits) of the class probability;
+    - relunet_score: paper 002 eq. 5-9 in the authors' convention (3x3 square per slice, x100);
+      relunet_score_cross: face-connected cross, no factor;
+    - cv: paper 004's Var(V_i) / (E[V_i] + 1);
+    - pairwise_dice: paper 004's exact mean over sample pairs of their Dice; pairwise_dice_pooled: one pooled
+      ratio over all pairs (biased upward when sample volumes differ);
+    - labelled_uncertainty: paper 004's mean U over voxels with mean p >= 0.5.
+    """
+    h_bits = binary_entropy(p_class)
+    return {"mean_entropy": float(h_bits.mean()),
+            "relunet_score": relunet_score(p_class, h_bits, convention="authors"),
+            "relunet_score_cross": relunet_score(p_class, h_bits, convention="cross"),
+            "cv": coefficient_of_variation(stats.volumes[:, channel] * voxel_volume_ratio),
+            "pairwise_dice": stats.pairwise_dice(channel),
+            "pairwise_dice_pooled": pooled_pairwise_dice(stats.counts[channel], stats.volumes[:, channel]),
+            "labelled_uncertainty": labelled_uncertainty(p_class, u_sample)}
