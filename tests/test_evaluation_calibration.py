@@ -222,3 +222,28 @@ def test_labels_present():
     assert labels_present(seg) == {1, 3}
     seg[0, 0] = 200
     assert labels_present(seg) == {1, 3, 200} and labels_present(np.zeros(3, np.uint8)) == set()
+
+
+@pytest.mark.parametrize("n_classes,n_bins", [(2, 15), (4, 15), (3, 10)])
+def test_calibrators_top_label_ece_equals_torchmetrics(n_classes, n_bins):
+    """postprocessing.top_label_ece, which judges the calibrators, against torchmetrics' multiclass (top-label)
+    calibration error on the same (N, C) probabilities; integer sample weights against repeated rows."""
+    from nnunet_kaz.postprocessing import top_label_ece
+
+    rng = np.random.default_rng(n_classes)
+    logits = rng.normal(0, 3, (5000, n_classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # overconfident: a gap a zero would hide
+    # torchmetrics casts the confidences to float32: give both sides float32 values, so that both bin alike,
+    # and allow for its float32 sums (abs 1e-5 over ~1e4 rows; in float64 its formula agrees to 1e-16)
+    probs = probs.astype(np.float32).astype(np.float64)
+    y = np.array([rng.choice(n_classes, p=np.sqrt(q) / np.sqrt(q).sum()) for q in probs])
+    tm = multiclass_calibration_error(torch.from_numpy(probs), torch.from_numpy(y), num_classes=n_classes,
+                                      n_bins=n_bins).item()
+    ours = top_label_ece(probs, y, n_bins=n_bins)
+    assert ours > 0.02 and ours == pytest.approx(tm, abs=1e-5)
+    w = np.where(y == 0, 1, 4) + rng.integers(0, 2, size=len(y))  # class-dependent, as pooling weights are
+    tm_w = multiclass_calibration_error(torch.from_numpy(np.repeat(probs, w, axis=0)),
+                                        torch.from_numpy(np.repeat(y, w)), num_classes=n_classes,
+                                        n_bins=n_bins).item()
+    assert top_label_ece(probs, y, sample_weight=w, n_bins=n_bins) == pytest.approx(tm_w, abs=1e-5)
+    assert tm_w != pytest.approx(tm, abs=1e-3)  # the weights matter

@@ -69,6 +69,110 @@ def test_mhex_plus_keeps_the_output_contract(cls, dim):
     assert np.allclose(cams[-1], head.conv2(head.conv1(a))[0].detach().numpy(), atol=1e-5)
 
 
+def numpy_two_convolutions(w1: np.ndarray, w2: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Conv2(Conv1(A)) of two 1x1 convolutions without the ReLU, pixel by pixel in float64: at every pixel the
+    C-vector A[:, pixel] goes through W1 (C x C) and then W2 (K x C). a: (C, *spatial) -> (K, *spatial)."""
+    c = a.shape[0]
+    flat = a.reshape(c, -1).astype(np.float64)
+    out = np.empty((w2.shape[0], flat.shape[1]))
+    for i in range(flat.shape[1]):
+        out[:, i] = w2 @ (w1 @ flat[:, i])
+    return out.reshape(w2.shape[0], *a.shape[1:])
+
+
+@pytest.mark.parametrize("cls", [XBoundNet, PlainConvUNet])
+@pytest.mark.parametrize("dim,shape", [(2, (16, 24)), (3, (8, 16, 24))])
+def test_stage_cams_equal_an_explicit_two_convolution_run_on_random_weights(cls, dim, shape):
+    """Independent of MHEXHead.cam / equivalent_kernel / stage_inputs: the decoder stages' outputs are captured by
+    our own hook (run before the heads' hook, so it sees X_j before the feed-back), the heads' weights are
+    redrawn at random, and each CAM is the pixel-wise W2 (W1 x) in numpy, upsampled with torch's interpolate."""
+    model = MHEXPlus(unet(cls, dim)).eval()
+    torch.manual_seed(1)
+    for p in model.heads.parameters():
+        nn.init.normal_(p)
+    captured = {}
+    for j, stage in enumerate(model.decoder.stages):
+        stage.register_forward_hook(lambda m, i, o, j=j: captured.__setitem__(j, o.detach().clone()), prepend=True)
+    x = torch.randn(1, 1, *shape)
+    cams = mhex_cams(model, x)
+    assert len(cams) == len(model.heads) == len(captured)
+    mode = "bilinear" if dim == 2 else "trilinear"
+    for j, (head, cam) in enumerate(zip(model.heads, cams)):
+        w1 = head.conv1.weight.detach().double().flatten(1).numpy()
+        w2 = head.conv2.weight.detach().double().flatten(1).numpy()
+        low = numpy_two_convolutions(w1, w2, captured[j][0].double().numpy())
+        ref = nn.functional.interpolate(torch.from_numpy(low)[None], size=shape, mode=mode, align_corners=False)[0]
+        assert cam.shape == (2, *shape)
+        scale = np.abs(ref.numpy()).max()
+        np.testing.assert_allclose(cam, ref.numpy(), atol=1e-5 * scale, err_msg=f"stage {j}")
+    # the ReLU between the convolutions is left out of the CAM (paper 003 section 3.3): with it the map differs
+    head, a = model.heads[-1], captured[len(model.heads) - 1][0].double().numpy()
+    w1, w2 = (head.conv1.weight.detach().double().flatten(1).numpy(),
+              head.conv2.weight.detach().double().flatten(1).numpy())
+    with_relu = np.einsum("kc,c...->k...", w2, np.maximum(np.einsum("dc,c...->d...", w1, a), 0))
+    assert np.abs(with_relu - cams[-1]).max() > 1e-2 * np.abs(with_relu).max()
+
+
+def finite_difference_gradient(model: MHEXPlus, x: torch.Tensor, target: torch.Tensor, stage: int, head: int,
+                               h: float = 1e-6) -> torch.Tensor:
+    """d (sum over pixels of head `head`'s cross-entropy) / d X_stage by central differences in float64: X_stage,
+    the output of decoder stage `stage`, is perturbed one entry at a time by a hook placed before the heads'."""
+    delta = {}
+
+    def perturb(module, inputs, output):
+        if "at" in delta:
+            output = output.clone()
+            output.view(-1)[delta["at"]] += delta["by"]
+            return output
+        return None
+
+    handle = model.decoder.stages[stage].register_forward_hook(perturb, prepend=True)
+
+    def loss() -> float:
+        with torch.no_grad():
+            p = model(x)[::-1][head]
+        t = nn.functional.interpolate(target[:, None].double(), size=p.shape[2:], mode="nearest")[:, 0].long()
+        return float(nn.functional.cross_entropy(p, t, reduction="sum"))
+
+    try:
+        with torch.no_grad():
+            model(x)
+        n = model.stage_inputs[stage].numel()
+        shape = model.stage_inputs[stage].shape
+        grad = torch.empty(n, dtype=torch.float64)
+        for i in range(n):
+            delta.update(at=i, by=h)
+            up = loss()
+            delta.update(by=-h)
+            grad[i] = (up - loss()) / (2 * h)
+    finally:
+        handle.remove()
+    return grad.reshape(shape)
+
+
+def test_collaboration_gradient_equals_finite_differences():
+    """Paper 003 section 3.5's per-pixel cosine of adjacent heads' gradients, with the gradients taken by central
+    finite differences on the stage features (no autograd) in float64, on random head weights and a random
+    target, for both adjacent pairs of a 4-stage XBoundNet++ on a non-square input."""
+    torch.manual_seed(3)
+    net = unet(XBoundNet, 2)
+    model = MHEXPlus(net).double().eval()
+    for p in model.heads.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 1, 16, 8, dtype=torch.float64)
+    target = torch.randint(0, 2, (1, 16, 8))
+    res = collaboration_uncertainty(model, x, target=target, eps=1e-30)
+    assert len(res["pairs"]) == 2
+    for pair in range(2):
+        g_low = finite_difference_gradient(model, x, target, stage=pair, head=pair)
+        g_high = finite_difference_gradient(model, x, target, stage=pair, head=pair + 1)
+        assert g_high.abs().max() > 0  # the deeper stage's features reach the next head through the decoder
+        cos = (g_low * g_high).sum(1) / (g_low.norm(dim=1) * g_high.norm(dim=1))
+        ref = nn.functional.interpolate(cos[:, None], size=(16, 8), mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(res["pairs"][pair], ref.numpy(), atol=1e-4, err_msg=f"pair {pair}")
+    np.testing.assert_allclose(res["U"], res["pairs"][0] + res["pairs"][1], atol=1e-6)
+
+
 def test_feed_back_changes_the_decoder_path():
     torch.manual_seed(0)
     net = unet(XBoundNet, 2).eval()
