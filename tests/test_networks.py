@@ -67,9 +67,10 @@ def test_anisotropic_kernels_and_strides_3d():
 @pytest.mark.parametrize("dim,strides", [(2, STRIDES_2D), (3, STRIDES_3D)])
 def test_every_parameter_gets_a_gradient(dim, strides):
     # conv_bias=False: a bias right before instance norm has an exactly zero gradient by construction;
-    # >= 64 channels: SE hidden layers of >= 4 ReLU units (one unit can be dead for every sample)
+    # 128 channels: SE hidden layers of 8 ReLU units (after instance norm + ReLU the pooled SE input is nearly the
+    # same vector for every sample, so with 4 units all can be dead at init with probability ~1/16)
     torch.manual_seed(0)
-    net = XBoundNet(**net_kwargs(dim, strides, features=(8, 64, 64, 64), conv_bias=False,
+    net = XBoundNet(**net_kwargs(dim, strides, features=(128, 128, 128, 128), conv_bias=False,
                                  deep_supervision=True)).train()
     outs = net(torch.randn(2, 1, *([16] * dim)))
     loss = sum((o * torch.randn_like(o)).sum() for o in outs)
@@ -94,8 +95,10 @@ def test_dropout_eval_deterministic_train_stochastic():
         c, d = net(x), net(x)
     assert not torch.allclose(c, d)
     dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
-    assert len(dropouts) == 3 and all(m.p == 0.2 for m in dropouts)  # 2 deepest encoder stages + bridge
-    assert set(net.encoder.dropouts) == {"2", "3"} and isinstance(net.bridge.dropout, nn.Dropout)
+    # the authors' placement: encoder levels at 1/2 and 1/4, the bridge, decoder levels at 1/4 and 1/2
+    assert len(dropouts) == 5 and all(m.p == 0.2 for m in dropouts)
+    assert set(net.encoder.dropouts) == {"1", "2"} and isinstance(net.bridge.dropout, nn.Dropout)
+    assert set(net.decoder.dropouts) == {"0", "1"}
 
 
 def test_dropout_p_zero_removes_dropout_modules():
@@ -108,40 +111,137 @@ def test_dropout_p_zero_removes_dropout_modules():
 
 def test_plans_dropout_op_is_used_with_its_kwargs():
     net = XBoundNet(**net_kwargs(3, STRIDES_3D, dropout_op=nn.Dropout3d, dropout_op_kwargs={"p": 0.3},
-                                 n_dropout_stages=1))
+                                 dropout_placement={"encoder": [2], "bridge": True}))
     drops = [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     assert len(drops) == 2 and all(type(m) is nn.Dropout3d and m.p == 0.3 for m in drops)
     assert net.dropout_stages == [2]
 
 
-@pytest.mark.parametrize("n_dropout_stages,dropout_p", [(2, 0.2), (0, 0.2), (2, 0.0)])
-def test_prefix_suffix_split(n_dropout_stages, dropout_p):
-    torch.manual_seed(0)
-    net = XBoundNet(**net_kwargs(2, STRIDES_2D, n_dropout_stages=n_dropout_stages, dropout_p=dropout_p,
-                                 deep_supervision=True)).train()
-    x = torch.randn(1, 1, 32, 32)
-    ran_in_prefix = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: ran_in_prefix.append(mod)) for m in net.modules()]
-    with torch.no_grad():
-        cache = net.forward_prefix(x)
+PLACEMENTS = ["authors", "deepest", {"bridge": True}, {"decoder": [1]}, {"decoder": [2]}, {"encoder": [0]},
+              {"encoder": [3], "decoder": [0, 2]}, {}]
+
+
+def _leaf_order(net: nn.Module, run) -> list:
+    """Leaf modules in the order they finish during `run()` (forward hooks), for a fixed placement."""
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in net.modules()
+             if not list(m.children())]
+    try:
+        run()
+    finally:
         for h in hooks:
             h.remove()
-        assert not any(isinstance(m, nn.Dropout) for m in ran_in_prefix)
+    return order
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("dropout_p", [0.2, 0.0])
+def test_prefix_ends_at_the_first_dropout_and_suffix_completes_forward(placement, dropout_p):
+    torch.manual_seed(0)
+    net = XBoundNet(**net_kwargs(2, STRIDES_2D, dropout_placement=placement, dropout_p=dropout_p,
+                                 deep_supervision=True)).train()
+    x = torch.randn(1, 1, 32, 48)
+    with torch.no_grad():
+        full_order = _leaf_order(net, lambda: net(x))
+        cache_box = []
+        prefix_order = _leaf_order(net, lambda: cache_box.append(net.forward_prefix(x)))
+        cache = cache_box[0]
+        drops = [i for i, m in enumerate(full_order) if isinstance(m, nn.Dropout)]
+        # the prefix runs exactly the modules before the first dropout of a full forward pass (without dropout:
+        # everything but the segmentation heads)
+        heads = set(net.decoder.seg_layers)
+        assert prefix_order == (full_order[:drops[0]] if drops else [m for m in full_order if m not in heads])
         # deterministic prefix, stochastic suffix (when there is dropout), cache reusable
         again = net.forward_prefix(x)
         assert all(torch.equal(a, b) for a, b in zip(cache.features, again.features))
         s1, s2 = net.forward_suffix(cache), net.forward_suffix(cache)
-        assert any(not torch.allclose(a, b) for a, b in zip(s1, s2)) == (dropout_p > 0)
+        assert any(not torch.allclose(a, b) for a, b in zip(s1, s2)) == bool(drops)
         torch.manual_seed(1)
         full = net(x)
         torch.manual_seed(1)
         split = net.forward_suffix(net.forward_prefix(x))
-    assert all(torch.equal(a, b) for a, b in zip(full, split))
-    if dropout_p > 0 and n_dropout_stages > 0:
-        assert len(cache.features) == net.dropout_stages[0] + 1 and cache.bridge is None
-    else:  # the whole encoder and the bridge's features are deterministic
-        assert len(cache.features) == 4 and cache.bridge is not None
-        assert net.encoder.stages[3] in ran_in_prefix and net.bridge.branches[0] in ran_in_prefix
+    assert len(full) == 3 and all(torch.equal(a, b) for a, b in zip(full, split))
+    assert bool(drops) == (dropout_p > 0 and placement not in ({},))
+
+
+@pytest.mark.parametrize("placement,expected", [
+    ("authors", {"encoder.dropouts.1": (32, 32), "encoder.dropouts.2": (16, 16), "bridge.dropout": (8, 8),
+                 "decoder.dropouts.0": (16, 16), "decoder.dropouts.1": (32, 32)}),
+    ("deepest", {"encoder.dropouts.2": (16, 16), "encoder.dropouts.3": (8, 8), "bridge.dropout": (8, 8)}),
+    ({"encoder": [0], "decoder": [2]}, {"encoder.dropouts.0": (64, 64), "decoder.dropouts.2": (64, 64)}),
+])
+def test_dropout_modules_sit_at_the_configured_stages(placement, expected):
+    """Each dropout's input is exactly the output of the stage it is configured after, at that resolution."""
+    torch.manual_seed(0)
+    net = XBoundNet(**net_kwargs(2, STRIDES_2D, dropout_placement=placement)).train()
+    assert net.dropout_module_names() == list(expected)
+    drops = {n: m for n, m in net.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
+    assert set(drops) == set(expected)
+    owners = {f"encoder.dropouts.{s}": f"encoder.stages.{s}" for s in range(4)}
+    owners.update({f"decoder.dropouts.{j}": f"decoder.stages.{j}" for j in range(3)})
+    owners["bridge.dropout"] = "bridge.act"
+    seen_in, seen_out = {}, {}
+    hooks = [m.register_forward_pre_hook(lambda mod, i, n=n: seen_in.__setitem__(n, i[0].clone()))
+             for n, m in drops.items()]
+    hooks += [net.get_submodule(owners[n]).register_forward_hook(
+        lambda mod, i, o, n=n: seen_out.__setitem__(n, o.clone())) for n in drops]
+    with torch.no_grad():
+        net(torch.randn(1, 1, 64, 64))
+    for h in hooks:
+        h.remove()
+    for name, size in expected.items():
+        assert tuple(seen_in[name].shape[2:]) == size, name
+        assert torch.equal(seen_in[name], seen_out[name]), name
+
+
+@pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p != {}])
+def test_mc_samples_differ_at_full_resolution(placement):
+    """As the predictor samples: eval mode, only the dropout modules in train mode."""
+    torch.manual_seed(0)
+    net = XBoundNet(**net_kwargs(2, STRIDES_2D, dropout_placement=placement)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.train()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        a, b = net(x), net(x)
+    assert a.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
+
+
+def test_bad_dropout_placement():
+    with pytest.raises(ValueError, match="dropout_placement must be one of"):
+        XBoundNet(**net_kwargs(2, STRIDES_2D, dropout_placement="everywhere"))
+    with pytest.raises(ValueError, match=r"dropout_placement\['decoder'\] = \[3\] out of range 0..2"):
+        XBoundNet(**net_kwargs(2, STRIDES_2D, dropout_placement={"decoder": [3]}))
+
+
+@pytest.mark.parametrize("dim,strides", [(2, STRIDES_2D), (3, STRIDES_3D)])
+def test_dynamic_network_architectures_contract(dim, strides):
+    from dynamic_network_architectures.architectures.abstract_arch import (
+        AbstractDynamicNetworkArchitectures, test_submodules_loadable)
+
+    net = XBoundNet(**net_kwargs(dim, strides, input_channels=5))
+    assert isinstance(net, AbstractDynamicNetworkArchitectures)
+    test_submodules_loadable(net)  # the library's own check: keys resolve, in-projection weights agree in shape
+    # the in-projection keys are every weight that sees the input channels
+    in_proj = {n for n, m in net.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 5}
+    assert in_proj == set(net.keys_to_in_proj)
+
+
+def test_ignored_plans_keys_give_one_warning_naming_them():
+    with pytest.warns(UserWarning) as record:
+        XBoundNet(**net_kwargs(2, STRIDES_2D, n_blocks_per_stage=[1, 1, 1, 1]))
+    msgs = [str(w.message) for w in record if "ignores the plans keys" in str(w.message)]
+    assert len(msgs) == 1
+    assert "n_conv_per_stage, n_conv_per_stage_decoder, n_blocks_per_stage" in msgs[0]
+    import warnings
+
+    kw = net_kwargs(2, STRIDES_2D)
+    for key in ("n_conv_per_stage", "n_conv_per_stage_decoder"):
+        kw.pop(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        XBoundNet(**kw)  # nothing ignored, nothing said
 
 
 def plans_arch_kwargs(dim: int) -> dict:
@@ -164,14 +264,14 @@ def test_built_by_get_network_from_plans(dim):
     req = ("conv_op", "norm_op", "dropout_op", "nonlin")
     net = get_network_from_plans(name, plans_arch_kwargs(dim), req, 2, 4, allow_init=True, deep_supervision=True)
     assert isinstance(net, XBoundNet) and net.decoder.deep_supervision
-    assert isinstance(net.encoder.stages[0].norm1, getattr(nn, f"InstanceNorm{dim}d"))
+    assert isinstance(net.encoder.stages[0].stem[0].norm, getattr(nn, f"InstanceNorm{dim}d"))
     outs = net(torch.randn(1, 2, *([16] * dim)))
     assert [o.shape[1] for o in outs] == [4, 4] and outs[0].shape[2:] == (16,) * dim
     # He init: weights with std sqrt(2 / ((1 + 0.01^2) fan_in)), zero bias
-    w = net.encoder.stages[1].conv1.weight
+    w = net.encoder.stages[1].conv1.conv.weight
     expected = np.sqrt(2 / ((1 + 1e-4) * w[0].numel()))
     assert abs(w.std().item() - expected) / expected < 0.1
-    assert torch.count_nonzero(net.encoder.stages[1].conv1.bias) == 0
+    assert torch.count_nonzero(net.encoder.stages[1].conv1.conv.bias) == 0
     # a network trained with deep supervision loads into one built without it
     plain = get_network_from_plans(name, plans_arch_kwargs(dim), req, 2, 4, deep_supervision=False)
     plain.load_state_dict(net.state_dict())
@@ -191,10 +291,11 @@ def test_planner_vram_estimate_uses_xboundnet():
 def test_feature_map_size_counts_every_output():
     """Hand count for a 2-stage 2D net on an 8x8 input (features 4, 8; 2 classes; no deep supervision)."""
     net = XBoundNet(1, 2, [4, 8], nn.Conv2d, 3, [[1, 1], [2, 2]], 2)
-    stem = 3 * 4 * 64                      # conv1, conv2, 1x1 shortcut at 8x8
-    stage1 = 3 * 8 * 16                    # conv1, conv2, shortcut at 4x4
+    stem = 2 * 4 * 64 + 4 * 4 * 64        # stem convs; first SE level: conv1, conv2, shortcut, SE product at 8x8
+    stage1 = 4 * 8 * 16                    # conv1, conv2, shortcut, SE product at 4x4
     bridge = 4 * 8 * 16                    # four dilated branches
-    dec = 4 * 64 + (2 * 2 * 64 + 64 + 4 * 64) + 3 * 4 * 64 + 2 * 64  # transpconv, gate, block, head
+    gate = 2 * 4 * 64 + 64 + 4 * 64        # W_g, W_x (inner width = skip channels 4), psi, gated skip
+    dec = 4 * 64 + gate + 4 * 4 * 64 + 2 * 64  # transpconv, gate, residual SE block, head
     assert net.compute_conv_feature_map_size((8, 8)) == stem + stage1 + bridge + dec
     with pytest.raises(ValueError, match="spatial size"):
         net.compute_conv_feature_map_size((1, 8, 8))
@@ -215,6 +316,34 @@ def test_aspp_sums_branches():
     x = torch.randn(1, 2, 8, 8)
     expected = aspp.branches[0](x) + aspp.branches[1](x)
     assert torch.allclose(aspp(x), expected)  # no norm / nonlin given: identities
+
+
+def test_aspp_per_axis_dilations_match_a_hand_built_conv():
+    aspp = ASPP(nn.Conv3d, 2, [1, 3, 3], dilations=(1, [1, 6, 6], [1, 3, 12]))
+    assert [b.dilation for b in aspp.branches] == [(1, 1, 1), (1, 6, 6), (1, 3, 12)]
+    assert aspp.branches[2].padding == (0, 3, 12)
+    x = torch.randn(1, 2, 3, 14, 15)
+    ref = nn.functional.conv3d(x, aspp.branches[2].weight, aspp.branches[2].bias, padding=(0, 3, 12),
+                               dilation=(1, 3, 12))
+    assert torch.allclose(aspp.branches[2](x), ref) and aspp(x).shape == x.shape
+
+
+def test_residual_se_block_is_the_authors_form():
+    """out = SE(act(norm(conv2(act(norm(conv1 x)))))) + 1x1 conv(x), no activation after the sum."""
+    from nnunet_kaz.networks import ResidualBlock
+
+    torch.manual_seed(0)
+    block = ResidualBlock(nn.Conv2d, 3, 32, 3, 2, True, nn.BatchNorm2d, None, nn.ReLU, None, 16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    f = nn.functional
+    h = f.relu(block.conv1.norm(f.conv2d(x, block.conv1.conv.weight, block.conv1.conv.bias, 2, 1)))
+    h = f.relu(block.conv2.norm(f.conv2d(h, block.conv2.conv.weight, block.conv2.conv.bias, 1, 1)))
+    s = h.mean(dim=(2, 3), keepdim=True)
+    s = torch.sigmoid(block.se.fc2(f.relu(block.se.fc1(s))))
+    ref = h * s + f.conv2d(x, block.shortcut.weight, block.shortcut.bias, 2)
+    with torch.no_grad():
+        out = block(x)
+    assert torch.allclose(out, ref, atol=1e-6) and (out < 0).any()  # negative values: no ReLU after the sum
 
 
 def test_bad_arguments():
