@@ -72,3 +72,65 @@ def test_manifest_round_trip_and_drop(tmp_path):
     m.save(tmp_path / "snapshots.json")
     back = SnapshotManifest.load(tmp_path / "snapshots.json")
     assert back == m and back.dropped_cycles == [1]
+
+
+def _paper_reference_lrs(lr_max=0.1, lr_min=1e-4):
+    """torch's CosineAnnealingWarmRestarts for paper 002's restarts at 100, 200, 400, 800: a 100-epoch cycle,
+    then T_0 = 100 doubling (T_mult = 2) from epoch 100."""
+    lrs = []
+    for start, stop, t0 in ((0, 100, 100), (100, 800, 100)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr_max)
+        ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=2, eta_min=lr_min)
+        for _ in range(start, stop):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+    return lrs
+
+
+def test_paper_schedule_is_the_trainers_default_and_equals_torch():
+    from nnunet_kaz.trainers.sgdr_trainer import (SGDRSnapshotMixin, XBoundNetTrainerSGDR,
+                                                  XBoundNetTrainerSGDR_nnUNetLR, nnUNetTrainerSGDR,
+                                                  nnUNetTrainerSGDR_nnUNetLR)
+
+    for cls in (nnUNetTrainerSGDR, XBoundNetTrainerSGDR):
+        assert (cls.sgdr_lr_max, cls.sgdr_lr_min, cls.sgdr_cycle_ends, cls.snapshot_top_k,
+                cls.snapshot_drop_margin) == (0.1, 1e-4, (100, 200, 400, 800), 3, 0.0)
+    for cls in (nnUNetTrainerSGDR_nnUNetLR, XBoundNetTrainerSGDR_nnUNetLR):
+        assert (cls.sgdr_lr_max, cls.sgdr_lr_min) == (None, 1e-5)  # None: nnU-Net's initial_lr 1e-2
+    ends = sgdr_cycle_ends(800, SGDRSnapshotMixin.sgdr_T0, SGDRSnapshotMixin.sgdr_eta,
+                           SGDRSnapshotMixin.sgdr_cycle_ends)
+    assert ends == [100, 200, 400, 800]
+    ref = _paper_reference_lrs()
+    ours = [sgdr_lr(e, ends, 0.1, 1e-4) for e in range(800)]
+    assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert ours[0] == ours[100] == ours[200] == ours[400] == pytest.approx(0.1)
+    assert ours[799] == pytest.approx(1e-4, rel=2e-2)  # one epoch before the end of a 400-epoch cycle
+    # paper 002 Appendix A's T_0 = 100, T_mult = 2 by the formula T_i = T_0 * 2^i would end cycles at
+    # 100, 300, 700, 1500: it cannot fit 800 epochs, hence the explicit ends
+    with pytest.raises(ValueError, match="num_epochs"):
+        sgdr_cycle_ends(800, 100, 2)
+
+
+def _settings(**attrs):
+    from nnunet_kaz.trainers.sgdr_trainer import SGDRSnapshotMixin
+
+    cls = type("Sub", (SGDRSnapshotMixin,), attrs)
+    obj = object.__new__(cls)
+    obj.num_epochs = attrs.pop("num_epochs", 800)
+    return obj
+
+
+def test_t0_and_eta_next_to_the_default_cycle_ends_are_refused_naming_sgdr_cycle_ends():
+    """Issue 14.9: T0 / eta are ignored while sgdr_cycle_ends is set, so the message names sgdr_cycle_ends."""
+    with pytest.raises(ValueError, match=r"sgdr_T0 and sgdr_eta are set but ignored.*sgdr_cycle_ends = None"):
+        _settings(sgdr_T0=5, sgdr_eta=3.0, num_epochs=20).check_sgdr_settings()
+    with pytest.raises(ValueError, match="sgdr_T0 are set but ignored"):
+        _settings(sgdr_T0=50).check_sgdr_settings()  # even when the cycle ends fit
+    with pytest.raises(ValueError, match="change sgdr_cycle_ends") as err:
+        _settings(num_epochs=20).check_sgdr_settings()
+    assert "sgdr_T0 / sgdr_eta, or" not in str(err.value)
+    # with sgdr_cycle_ends = None, T0 / eta are used; a misfit names them
+    _settings(sgdr_T0=5, sgdr_eta=1.0, sgdr_cycle_ends=None, snapshot_window=3, num_epochs=20).check_sgdr_settings()
+    with pytest.raises(ValueError, match="change num_epochs or sgdr_T0 / sgdr_eta"):
+        _settings(sgdr_T0=5, sgdr_eta=2.0, sgdr_cycle_ends=None, num_epochs=20).check_sgdr_settings()

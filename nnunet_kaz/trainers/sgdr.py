@@ -3,7 +3,10 @@
 Learning rate (standard SGDR; paper 002's eq. 2 is garbled, see papers/INDEX.md):
     lr(t) = lr_min + (lr_max - lr_min) / 2 * (1 + cos(pi * t_cur / T_i))
 with t_cur the epochs since the last restart and T_i = T_0 * eta**i the length of cycle i, or cycle ends given
-explicitly (Rel-UNet's 800-epoch run ends cycles at epochs 100, 200, 400, 800).
+explicitly (Rel-UNet's 800-epoch run ends cycles at epochs 100, 200, 400, 800: paper 002 Appendix A gives
+T_0 = 100 and T_mult = 2 but restarts "around epochs 100, 200, 400, and 800", which T_i = T_0 * 2^i, ending
+cycles at 100, 300, 700, cannot produce; the authors' scheduler compares the global epoch with a doubling
+period, which gives the doubling ends. Within each cycle the rate is torch's CosineAnnealingWarmRestarts.)
 """
 from __future__ import annotations
 
@@ -33,9 +36,11 @@ def sgdr_cycle_ends(num_epochs: int, t0: int, eta: float = 1.0,
             ends.append((ends[-1] if ends else 0) + int(round(length)))
             length *= eta
     if ends[-1] != num_epochs:
+        fix = (f"change sgdr_cycle_ends so that its last epoch is num_epochs, or set sgdr_cycle_ends = None to use "
+               f"sgdr_T0 / sgdr_eta" if cycle_ends is not None else
+               "change num_epochs or sgdr_T0 / sgdr_eta, or give sgdr_cycle_ends")
         raise ValueError(f"SGDR cycles ending at epochs {ends} do not fit num_epochs={num_epochs}: the last "
-                         f"cycle must end exactly at num_epochs (change num_epochs, sgdr_T0 / sgdr_eta, or give "
-                         f"sgdr_cycle_ends)")
+                         f"cycle must end exactly at num_epochs ({fix})")
     return ends
 
 

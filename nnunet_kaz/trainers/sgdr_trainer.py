@@ -17,28 +17,39 @@ from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer
 class SGDRSnapshotMixin:
     """Put before an nnUNetTrainer class: SGD as nnU-Net configures it, with an SGDR schedule and snapshots.
 
+    Defaults are paper 002's (Appendix A and section III-C/D): lr 0.1 -> 1e-4, 800 epochs, restarts at epochs
+    100, 200, 400, 800, the top 3 checkpoints by pseudo-Dice around each cycle's peak, and a cycle without a
+    peak dropped (the paper's run showed none around epoch 200 and ensembled 3 x 3 = 9 snapshots).
+
     Class attributes:
-    - `sgdr_T0`, `sgdr_eta`: cycle lengths T_i = T0 * eta**i (epochs); `sgdr_lr_min`; lr_max is `initial_lr`.
-    - `sgdr_cycle_ends`: explicit epochs at which cycles end (overrides T0 / eta), e.g. (100, 200, 400, 800).
-    - `snapshot_top_k` (3) and `snapshot_window`: within the last `snapshot_window` epochs of each cycle the
-      `snapshot_top_k` checkpoints with the best EMA pseudo-Dice are kept as
+    - `sgdr_lr_max` (0.1; None: nnU-Net's `initial_lr`, 1e-2) and `sgdr_lr_min` (1e-4).
+    - `sgdr_cycle_ends`: explicit epochs at which cycles end, (100, 200, 400, 800) by default; set it to None
+      to use `sgdr_T0`, `sgdr_eta` (cycle lengths T_i = T0 * eta**i epochs) instead. Setting T0 / eta while
+      `sgdr_cycle_ends` is still set is refused (they would be ignored).
+    - `snapshot_top_k` (3) and `snapshot_window` (10): within the last `snapshot_window` epochs of each cycle
+      the `snapshot_top_k` checkpoints with the best EMA pseudo-Dice are kept as
       `checkpoint_snapshot_c{cycle}_e{epoch}.pth`, listed in `snapshots.json` in the fold folder.
-    - `snapshot_drop_margin`: if set, a cycle whose best pseudo-Dice falls below the previous kept cycle's best
-      by more than this margin is dropped at its end (Rel-UNet dropped one such cycle).
+    - `snapshot_drop_margin` (0.0): the rule for "a cycle without a peak" (paper 002 Fig. 2: the cycle whose
+      pseudo-Dice shows no peak is skipped). At its last epoch a cycle is dropped, with its snapshots, when its
+      best EMA pseudo-Dice is not higher than the best of the last kept cycle minus the margin
+      (best_now <= best_prev - margin); the first cycle is always kept. None: never drop.
     """
 
     sgdr_T0: int = 100
     sgdr_eta: float = 2.0
-    sgdr_lr_min: float = 1e-5
+    sgdr_lr_max: float | None = 0.1
+    sgdr_lr_min: float = 1e-4
     sgdr_cycle_ends: tuple[int, ...] | None = (100, 200, 400, 800)
     snapshot_top_k: int = 3
     snapshot_window: int = 10
-    snapshot_drop_margin: float | None = None
+    snapshot_drop_margin: float | None = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 800  # Rel-UNet's run: cycles end at 100, 200, 400, 800
+        if self.sgdr_lr_max is not None:
+            self.initial_lr = self.sgdr_lr_max
         self.manifest: SnapshotManifest | None = None
 
     @property
@@ -46,7 +57,15 @@ class SGDRSnapshotMixin:
         return sgdr_cycle_ends(self.num_epochs, self.sgdr_T0, self.sgdr_eta, self.sgdr_cycle_ends)
 
     def check_sgdr_settings(self) -> None:
-        """Refuse to start on cycles that do not fit num_epochs or a top-k larger than the window."""
+        """Refuse to start on cycles that do not fit num_epochs, T0 / eta that the cycle ends would override,
+        or a top-k larger than the window."""
+        if self.sgdr_cycle_ends is not None:
+            ignored = [name for name in ("sgdr_T0", "sgdr_eta")
+                       if getattr(type(self), name) != getattr(SGDRSnapshotMixin, name)]
+            if ignored:
+                raise ValueError(f"{' and '.join(ignored)} are set but ignored while sgdr_cycle_ends="
+                                 f"{tuple(self.sgdr_cycle_ends)} is set: set sgdr_cycle_ends = None in the subclass to "
+                                 f"use them, or change sgdr_cycle_ends")
         ends = self.cycle_ends  # raises ValueError when the cycles do not fit
         shortest = min(b - a for a, b in zip([0] + ends, ends))
         if not 1 <= self.snapshot_top_k <= self.snapshot_window:
@@ -108,15 +127,16 @@ class SGDRSnapshotMixin:
             self.manifest.save(self.manifest_path)
 
     def _maybe_drop_cycle(self, cycle: int) -> None:
+        """Drop `cycle` if it shows no peak (class docstring: `snapshot_drop_margin`)."""
         if self.snapshot_drop_margin is None:
             return
         previous = [c for c in range(cycle) if c not in self.manifest.dropped_cycles]
         if not previous:
             return
         best_prev, best_now = self.manifest.best(previous[-1]), self.manifest.best(cycle)
-        if best_prev is not None and best_now is not None and best_now < best_prev - self.snapshot_drop_margin:
-            self.print_to_log_file(f"SGDR: dropping cycle {cycle} (best pseudo-Dice {best_now:.4f} < "
-                                   f"{best_prev:.4f} - {self.snapshot_drop_margin})")
+        if best_prev is not None and best_now is not None and best_now <= best_prev - self.snapshot_drop_margin:
+            self.print_to_log_file(f"SGDR: dropping cycle {cycle}, no peak (best pseudo-Dice {best_now:.4f} <= "
+                                   f"{best_prev:.4f} of cycle {previous[-1]} - {self.snapshot_drop_margin})")
             self._remove(self.manifest.drop_cycle(cycle))
 
     def _remove(self, snapshots: list[Snapshot]) -> None:
@@ -127,8 +147,23 @@ class SGDRSnapshotMixin:
 
 
 class nnUNetTrainerSGDR(SGDRSnapshotMixin, CheckedResumeMixin, nnUNetTrainer):
-    """nnU-Net's default network and loss with SGDR warm restarts and snapshot checkpoints."""
+    """Rel-UNet (paper 002): nnU-Net's default network and loss with the paper's SGDR schedule (lr 0.1 -> 1e-4,
+    restarts at 100/200/400/800 of 800 epochs) and 3 snapshots per cycle with a peak."""
 
 
 class XBoundNetTrainerSGDR(SGDRSnapshotMixin, XBoundNetTrainer):
-    """XBoundNet++ (LogDice + CE) with SGDR warm restarts and snapshot checkpoints."""
+    """XBoundNet++ (LogDice + CE) with paper 002's SGDR schedule and snapshot checkpoints."""
+
+
+class nnUNetTrainerSGDR_nnUNetLR(nnUNetTrainerSGDR):
+    """nnUNetTrainerSGDR with nnU-Net's learning rates instead of paper 002's: lr 1e-2 -> 1e-5."""
+
+    sgdr_lr_max = None
+    sgdr_lr_min = 1e-5
+
+
+class XBoundNetTrainerSGDR_nnUNetLR(XBoundNetTrainerSGDR):
+    """XBoundNetTrainerSGDR with nnU-Net's learning rates instead of paper 002's: lr 1e-2 -> 1e-5."""
+
+    sgdr_lr_max = None
+    sgdr_lr_min = 1e-5
