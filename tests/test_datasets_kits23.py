@@ -90,3 +90,62 @@ def test_bad_kits_input_lists_every_case(tmp_path):
         assert case in msg
     assert "case_00000" not in msg
     assert not raw.exists()
+
+
+def test_kits23_phantom_raters_and_disagreement(tmp_path, monkeypatch, capsys):
+    from scipy import ndimage
+
+    from nnunet_kaz.evaluation.rater_agreement import rater_disagreement
+
+    src = tmp_path / "kits23"
+    assert cli_main(["phantom", "--kind", "kits3d", "--format", "kits23", "-o", str(src), "-n", "2", "--seed", "3",
+                     "--size", "12", "40", "40", "--spacing", "2.0", "0.9", "0.9"]) == 0
+    assert sorted(p.name for p in src.iterdir()) == ["case_00000", "case_00001"]
+    case = src / "case_00001"
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "segmentation.nii.gz")))
+    assert np.array_equal(seg, kits3d_case(3, 1, (12, 40, 40), (2.0, 0.9, 0.9))[1])
+    names = sorted(p.name for p in (case / "instances").iterdir())
+    assert "kidney_instance-1_annotation-1.nii.gz" in names and "tumor_instance-1_annotation-3.nii.gz" in names
+    assert {n.rsplit("-", 1)[1] for n in names} == {"1.nii.gz", "2.nii.gz", "3.nii.gz"}
+
+    # rater label maps by hand: kidney 1, then cyst 3, then tumour 2 (KiTS23's aggregation order)
+    maps = []
+    for r in (1, 2, 3):
+        lab = np.zeros(seg.shape, np.uint8)
+        for structure, value in (("kidney", 1), ("cyst", 3), ("tumor", 2)):
+            for f in sorted((case / "instances").glob(f"{structure}_instance-*_annotation-{r}.nii.gz")):
+                lab[sitk.GetArrayFromImage(sitk.ReadImage(str(f))) > 0] = value
+        maps.append(lab)
+    assert not np.array_equal(maps[0], maps[1])
+    # raters differ at the boundaries only: every disagreement voxel is within 3 mm of a label boundary
+    edge = np.zeros(seg.shape, bool)
+    for v in (1, 2, 3):
+        m = seg == v
+        edge |= m ^ ndimage.binary_erosion(m)
+        edge |= ndimage.binary_dilation(m) & ~m
+    dist = ndimage.distance_transform_edt(~edge, sampling=(2.0, 0.9, 0.9))
+    expected = rater_disagreement(maps)
+    assert expected.any() and dist[expected > 0].max() <= 3.0
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    assert cli_main(["convert-kits23", "--kits", str(src), "--id", "913", "--regions"]) == 0
+    out = raw / "Dataset913_KiTS23"
+    img = sitk.ReadImage(str(out / "raterDisagreementTr" / "case_00001.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(img), expected)
+    ref = sitk.ReadImage(str(out / "labelsTr" / "case_00001.nii.gz"))
+    assert img.GetSpacing() == ref.GetSpacing() and img.GetOrigin() == ref.GetOrigin()
+    assert sorted(p.name for p in (out / "raterDisagreementTr").iterdir()) == ["case_00000.nii.gz",
+                                                                                "case_00001.nii.gz"]
+
+    # an instance on another grid: one message naming the file, nothing written
+    bad = case / "instances" / "tumor_instance-1_annotation-2.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((12, 40, 39), np.uint8)), str(bad))
+    capsys.readouterr()
+    assert cli_main(["convert-kits23", "--kits", str(src), "--id", "914"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and len(err.strip().splitlines()) <= 3
+    assert not (raw / "Dataset914_KiTS23").exists()
+    assert cli_main(["phantom", "--kind", "kaz2d", "--format", "kits23", "-o", str(tmp_path / "x"), "-n", "1"]) == 2
+    assert not (tmp_path / "x").exists()

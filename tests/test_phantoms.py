@@ -78,10 +78,14 @@ def test_kaz2d_dataset_layout(kaz_dir):
     test = sorted(p.name for p in (kaz_dir / "imagesTs").iterdir())
     assert [n[:8] for n in test] == ["KAZ_P003"] * 4
     assert sorted(p.name for p in (kaz_dir / "labelsTs").iterdir()) == [n.replace("_0000", "") for n in test]
-    for folder in ("labelsTr", "truthTr", "labelsTs", "truthTs"):
+    for folder in ("labelsTr", "truthTr", "labelsTs", "truthTs", "raterDisagreementTr", "raterDisagreementTs"):
         for f in (kaz_dir / folder).iterdir():
             arr = np.asarray(Image.open(f))
             assert arr.dtype == np.uint8 and arr.shape == (48, 40) and set(np.unique(arr)) <= {0, 1}
+    for part in ("Tr", "Ts"):  # the disagreement map of the two "raters": annotation vs true zone
+        for f in (kaz_dir / f"raterDisagreement{part}").iterdir():
+            lab, truth = (np.asarray(Image.open(kaz_dir / f"{k}{part}" / f.name)) for k in ("labels", "truth"))
+            assert np.array_equal(np.asarray(Image.open(f)), (lab != truth).astype(np.uint8))
     img = np.asarray(Image.open(kaz_dir / "imagesTr" / train[0]))
     assert img.dtype == np.uint8 and img.ndim == 2 and img.std() > 5
 

@@ -12,6 +12,7 @@ _EXPORTS = {
     "write_kaz2d_bmp_folders": "phantom_kaz2d",
     "kits3d_case": "phantom_kits3d",
     "make_kits3d_dataset": "phantom_kits3d",
+    "write_kits3d_kits23_folders": "phantom_kits3d",
     "dataset_folder_name": "raw",
     "parse_dataset_folder": "raw",
     "DEFAULT_PATTERN": "kaz_convert",

@@ -10,6 +10,8 @@ def _phantom(args: argparse.Namespace) -> int:
     from nnunet_kaz.errors import KazError
 
     if args.kind == "kaz2d":
+        if args.format == "kits23":
+            raise KazError("--format kits23 applies to kits3d only")
         size = tuple(args.size) if args.size else ((510, 788) if args.format == "bmp" else (128, 128))
         if len(size) == 1:
             size = (size[0], size[0])
@@ -24,12 +26,16 @@ def _phantom(args: argparse.Namespace) -> int:
             out = make_kaz2d_dataset(args.o, args.n, args.seed, size, args.slices, args.test_patients,
                                      args.overwrite)
     else:
-        if args.test_patients or args.format != "nnunet":
+        if args.test_patients or args.format == "bmp":
             raise KazError("--test-patients and --format bmp apply to kaz2d only")
         size = tuple(args.size) if args.size else (32, 64, 64)
         if len(size) != 3:
             raise KazError(f"--size for kits3d takes Z Y X, got {args.size}")
-        out = make_kits3d_dataset(args.o, args.n, args.seed, size, tuple(args.spacing), args.overwrite)
+        if args.format == "kits23":
+            from nnunet_kaz.datasets.phantom_kits3d import write_kits3d_kits23_folders
+            out = write_kits3d_kits23_folders(args.o, args.n, args.seed, size, tuple(args.spacing), args.overwrite)
+        else:
+            out = make_kits3d_dataset(args.o, args.n, args.seed, size, tuple(args.spacing), args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -44,9 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", type=Path, required=True, help="dataset folder named DatasetXXX_Name, "
                                                         "e.g. $nnUNet_raw/Dataset501_KAZPhantom (any folder "
                                                         "with --format bmp)")
-    p.add_argument("--format", choices=("nnunet", "bmp"), default="nnunet",
+    p.add_argument("--format", choices=("nnunet", "bmp", "kits23"), default="nnunet",
                    help="kaz2d: nnU-Net raw dataset (default) or KAZ-style images/ masks/ truth/ BMP folders "
-                        "for convert-kaz (default size 510 788)")
+                        "for convert-kaz (default size 510 788); kits3d: nnU-Net raw dataset (default) or the "
+                        "KiTS23 layout case_XXXXX/{imaging,segmentation}.nii.gz + instances/ with three "
+                        "raters' annotations, for convert-kits23")
     p.add_argument("-n", type=int, required=True, help="patients (kaz2d) or cases (kits3d)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs="+", help="kaz2d: H [W] (default 128 128); kits3d: Z Y X "
@@ -153,7 +161,9 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert-kits23", help="KiTS23 case folders -> nnU-Net raw 3D dataset",
                        description="Copy case_XXXXX/imaging.nii.gz and segmentation.nii.gz to "
                                    "$nnUNet_raw/DatasetXXX_Name with labels kidney 1, tumour 2, cyst 3, or with "
-                                   "--regions the nested regions kidney+masses (1,2,3), masses (2,3), tumour (2).")
+                                   "--regions the nested regions kidney+masses (1,2,3), masses (2,3), tumour (2). "
+                                   "Cases with two or more raters under instances/ also get their per-voxel "
+                                   "rater-disagreement map in raterDisagreementTr/ (for evaluate --raters).")
     p.add_argument("--kits", type=Path, required=True, help="folder holding case_XXXXX/ folders")
     p.add_argument("--id", type=int, required=True, help="dataset id, e.g. 220")
     p.add_argument("--name", default="KiTS23", help="dataset name (default KiTS23)")

@@ -6,7 +6,8 @@ of each file's stem, pairs a mask with its image (default `DEFAULT_PATTERN`: `P0
 `P001_a045_mask.bmp`, `case_00001_a150.bmp`...).
 
 Output (`$nnUNet_raw/DatasetXXX_Name/`): `imagesTr/{Name}_{patient}_a{angle}_0000.png` (8-bit as read, or
-resized with Lanczos), `labelsTr/{case}.png` (0/1, resized with nearest neighbour), `truthTr/` when given,
+resized with Lanczos), `labelsTr/{case}.png` (0/1, resized with nearest neighbour), `truthTr/` when given
+(with `raterDisagreementTr/`: 1 where the resized mask and truth differ, for `evaluate --raters`),
 `dataset.json` (channel "zscore": see `make_kaz2d_dataset`), and `kaz_meta.json` recording every case's
 source files, patient, angle and original size (H, W) so predictions can be exported back at that size.
 Splits go to `$nnUNet_preprocessed/DatasetXXX_Name/` (see `nnunet_kaz.datasets.splits`).
@@ -182,17 +183,22 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
     cases: dict[str, dict] = {}
     with atomic_dir(target) as tmp:
         for part in ("Tr", "Ts") if held_out else ("Tr",):
-            for d in ["images", "labels"] + (["truth"] if truth else []):
+            for d in ["images", "labels"] + (["truth", "raterDisagreement"] if truth else []):
                 (tmp / f"{d}{part}").mkdir()
         for rec in tqdm(records, desc="writing slices", unit="slice", disable=len(records) < 200):
             case = f"{name}_{_safe_patient(rec['patient'])}_{angle_tag(rec['angle'])}"
             part = "Ts" if rec["patient"] in held_out else "Tr"
             img = _resize(read_gray(rec["image"]), resize, False)
             Image.fromarray(img).save(tmp / f"images{part}" / f"{case}_0000.png")
+            written = {}
             for what, sub in (("mask", "labels"), ("truth", "truth")):
                 if what in rec:
                     lab = _resize((read_gray(rec[what]) > 0).astype(np.uint8), resize, True)
                     Image.fromarray(lab).save(tmp / f"{sub}{part}" / f"{case}.png")
+                    written[what] = lab
+            if "truth" in written:
+                Image.fromarray((written["mask"] != written["truth"]).astype(np.uint8)).save(
+                    tmp / f"raterDisagreement{part}" / f"{case}.png")
             cases[case] = {"patient": rec["patient"], "angle": rec["angle"], "original_size": rec["original_size"],
                            "split": "test" if part == "Ts" else "train",
                            "size": list(img.shape), "image": str(Path(rec["image"]).resolve()),

@@ -26,6 +26,38 @@ KITS_PLAIN_LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 KITS_REGIONS = {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}
 KITS_REGIONS_CLASS_ORDER = [1, 3, 2]
 CASE_RE = re.compile(r"^case_\d+$")
+ANNOTATION_RE = re.compile(r"^(kidney|tumor|cyst)_instance-(\d+)_annotation-(\d+)\.nii\.gz$")
+AGGREGATION = (("kidney", 1), ("cyst", 3), ("tumor", 2))  # KiTS23's LABEL_AGGREGATION_ORDER (1, 3, 2)
+DISAGREEMENT_DIR = "raterDisagreementTr"
+
+
+def instance_files(case_dir: Path) -> dict[int, list[tuple[str, Path]]]:
+    """rater -> [(structure, file)] of a case's `instances/` folder (empty without one)."""
+    out: dict[int, list[tuple[str, Path]]] = {}
+    folder = Path(case_dir) / "instances"
+    if not folder.is_dir():
+        return out
+    for f in sorted(folder.iterdir()):
+        m = ANNOTATION_RE.match(f.name)
+        if m:
+            out.setdefault(int(m.group(3)), []).append((m.group(1), f))
+    return out
+
+
+def rater_label_maps(case_dir: Path) -> dict[int, np.ndarray]:
+    """rater -> label map (uint8, array order z, y, x) painted from that rater's instance masks (module doc)."""
+    maps = {}
+    for rater, files in instance_files(case_dir).items():
+        arrays = {}
+        for structure, f in files:
+            arrays.setdefault(structure, []).append(sitk.GetArrayFromImage(sitk.ReadImage(str(f))) > 0)
+        shape = next(iter(arrays.values()))[0].shape
+        lab = np.zeros(shape, np.uint8)
+        for structure, value in AGGREGATION:
+            for mask in arrays.get(structure, []):
+                lab[mask] = value
+        maps[rater] = lab
+    return maps
 
 
 def _header(path: Path) -> sitk.ImageFileReader:
@@ -70,6 +102,16 @@ def scan_kits23(kits_dir: str | Path) -> list[str]:
             problems.append(f"{seg}: grid differs from {img.name} (size {hs.GetSize()} vs {hi.GetSize()}, spacing "
                             f"{np.round(hs.GetSpacing(), 4).tolist()} vs {np.round(hi.GetSpacing(), 4).tolist()})")
             continue
+        for files in instance_files(kits_dir / case).values():
+            for _, f in files:
+                try:
+                    image_size(f)
+                    hf = _header(f)
+                except (KazError, RuntimeError) as e:
+                    problems.append(str(e) if isinstance(e, KazError) else f"{f}: cannot read")
+                    continue
+                if hf.GetSize() != hs.GetSize():
+                    problems.append(f"{f}: size {hf.GetSize()} differs from segmentation.nii.gz's {hs.GetSize()}")
         values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))).tolist())
         if not values <= {0, 1, 2, 3}:
             problems.append(f"{seg}: labels {sorted(values)} outside KiTS23's 0-3")
@@ -82,7 +124,8 @@ def scan_kits23(kits_dir: str | Path) -> list[str]:
 def convert_kits23(kits_dir: str | Path, dataset_id: int, name: str = "KiTS23", regions: bool = False,
                    raw_root: str | Path | None = None, overwrite: bool = False) -> Path:
     """Copy a KiTS23-layout folder into `raw_root/DatasetXXX_Name` (default root $nnUNet_raw) with
-    plain labels or nested regions (module doc); returns the dataset folder."""
+    plain labels or nested regions (module doc), and `raterDisagreementTr/` for the cases with two or more
+    raters' instance annotations; returns the dataset folder."""
     from nnunet_kaz.paths import nnunet_folder
 
     raw_root = Path(raw_root) if raw_root else nnunet_folder("nnUNet_raw")
@@ -94,9 +137,26 @@ def convert_kits23(kits_dir: str | Path, dataset_id: int, name: str = "KiTS23", 
         for case in tqdm(cases, desc="copying KiTS23 cases", unit="case", disable=len(cases) < 20):
             shutil.copyfile(Path(kits_dir) / case / "imaging.nii.gz", tmp / "imagesTr" / f"{case}_0000.nii.gz")
             shutil.copyfile(Path(kits_dir) / case / "segmentation.nii.gz", tmp / "labelsTr" / f"{case}.nii.gz")
+            write_disagreement(Path(kits_dir) / case, tmp / DISAGREEMENT_DIR / f"{case}.nii.gz")
         labels = KITS_REGIONS if regions else KITS_PLAIN_LABELS
         write_json_atomic(dataset_json({"0": "CT"}, labels, len(cases), ".nii.gz", name,
                                        "KiTS23 converted by nnunet-kaz convert-kits23"
                                        + (" (nested regions)" if regions else ""),
                                        KITS_REGIONS_CLASS_ORDER if regions else None), tmp / "dataset.json")
     return target
+
+
+def write_disagreement(case_dir: Path, target: Path) -> bool:
+    """Write the case's pairwise rater-disagreement map (module doc) to `target` on the segmentation's
+    grid; False (nothing written) when the case has fewer than two raters."""
+    from nnunet_kaz.evaluation.rater_agreement import rater_disagreement
+
+    maps = rater_label_maps(case_dir)
+    if len(maps) < 2:
+        return False
+    ref = sitk.ReadImage(str(Path(case_dir) / "segmentation.nii.gz"))
+    img = sitk.GetImageFromArray(rater_disagreement([maps[r] for r in sorted(maps)]))
+    img.CopyInformation(ref)
+    target.parent.mkdir(exist_ok=True)
+    sitk.WriteImage(img, str(target), useCompression=True)
+    return True

@@ -212,8 +212,10 @@ def make_kaz2d_dataset(dataset_dir: str | Path, n_patients: int, seed: int, imag
     """Write a KAZ phantom as an nnU-Net v2 raw 2D dataset and return its folder.
 
     Layout: `imagesTr/{case}_0000.png` (uint8, windowed CT), `labelsTr/{case}.png` (annotation, 0/1),
-    `truthTr/{case}.png` (true zone, 0/1); the last `n_test_patients` patients go to `imagesTs/`,
-    `labelsTs/`, `truthTs/` instead. nnU-Net reads only imagesTr/labelsTr (and imagesTs for prediction).
+    `truthTr/{case}.png` (true zone, 0/1), `raterDisagreementTr/{case}.png` (1 where annotation and true zone
+    differ: the two "raters" of the pairwise disagreement map `evaluate --raters` reads, as convert-kits23
+    writes for KiTS23); the last `n_test_patients` patients go to `imagesTs/`, `labelsTs/`, `truthTs/`,
+    `raterDisagreementTs/` instead. nnU-Net reads only imagesTr/labelsTr (and imagesTs for prediction).
 
     The channel is named "zscore" on purpose: the PNGs are already windowed to 8 bit, so nnU-Net's
     CTNormalization (clipping to the 0.5-99.5 percentiles of *foreground* intensities, i.e. of the
@@ -232,7 +234,7 @@ def make_kaz2d_dataset(dataset_dir: str | Path, n_patients: int, seed: int, imag
     n_train = n_patients - n_test_patients
     with atomic_dir(dataset_dir) as tmp:
         for part in ("Tr", "Ts") if n_test_patients else ("Tr",):
-            for kind in ("images", "labels", "truth"):
+            for kind in ("images", "labels", "truth", "raterDisagreement"):
                 (tmp / f"{kind}{part}").mkdir()
         for index in range(n_patients):
             part = "Tr" if index < n_train else "Ts"
@@ -240,6 +242,8 @@ def make_kaz2d_dataset(dataset_dir: str | Path, n_patients: int, seed: int, imag
                 Image.fromarray(s.image).save(tmp / f"images{part}" / f"{s.case}_0000.png")
                 Image.fromarray(s.label).save(tmp / f"labels{part}" / f"{s.case}.png")
                 Image.fromarray(s.truth).save(tmp / f"truth{part}" / f"{s.case}.png")
+                Image.fromarray((s.label != s.truth).astype(np.uint8)).save(
+                    tmp / f"raterDisagreement{part}" / f"{s.case}.png")
         meta = {"generator": "nnunet_kaz.datasets.make_kaz2d_dataset", "seed": int(seed),
                 "n_patients": int(n_patients), "n_test_patients": int(n_test_patients),
                 "image_size": [int(v) for v in image_size], "slices_per_patient": int(slices_per_patient),

@@ -111,6 +111,13 @@ def _write_nifti(arr: np.ndarray, spacing_zyx: tuple[float, float, float], path:
     sitk.WriteImage(img, str(path), useCompression=True)
 
 
+def _check_request(n_cases: int, spacing: tuple[float, float, float]) -> None:
+    if n_cases < 1:
+        raise KazError(f"need n_cases >= 1 (got {n_cases})")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise KazError(f"spacing must be three positive numbers (z, y, x) in mm, got {spacing}")
+
+
 def make_kits3d_dataset(dataset_dir: str | Path, n_cases: int, seed: int, shape: tuple[int, int, int] = (32, 64, 64),
                         spacing: tuple[float, float, float] = (2.5, 0.8, 0.8), overwrite: bool = False) -> Path:
     """Write KiTS-like phantoms as an nnU-Net v2 raw 3D dataset (`imagesTr/{case}_0000.nii.gz`,
@@ -123,10 +130,7 @@ def make_kits3d_dataset(dataset_dir: str | Path, n_cases: int, seed: int, shape:
     """
     dataset_dir = Path(dataset_dir)
     _, name = parse_dataset_folder(dataset_dir)
-    if n_cases < 1:
-        raise KazError(f"need n_cases >= 1 (got {n_cases})")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise KazError(f"spacing must be three positive numbers (z, y, x) in mm, got {spacing}")
+    _check_request(n_cases, spacing)
     check_writable(dataset_dir, overwrite)
     with atomic_dir(dataset_dir) as tmp:
         (tmp / "imagesTr").mkdir()
@@ -142,3 +146,62 @@ def make_kits3d_dataset(dataset_dir: str | Path, n_cases: int, seed: int, shape:
                                        "Synthetic KiTS-like CT phantom (kidney 1, tumour 2, cyst 3)", phantom=meta),
                           tmp / "dataset.json")
     return dataset_dir
+
+
+KITS23_STRUCTURES = (("kidney", (1, 2, 3)), ("tumor", (2,)), ("cyst", (3,)))  # instance masks per structure
+N_RATERS = 3
+
+
+def _rater_mask(mask: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    """One rater's outline of a true instance mask: its boundary moved by a per-rater offset (+- 1 mm,
+    positive dilates) plus a smooth jitter (sd 0.5 mm), through the signed distance in mm."""
+    from scipy import ndimage
+
+    sd = (ndimage.distance_transform_edt(~mask, sampling=spacing)
+          - ndimage.distance_transform_edt(mask, sampling=spacing))
+    shift = rng.uniform(-1.0, 1.0) + correlated_noise(rng, mask.shape, sigma_px=2.0, sd=0.5)
+    out = sd < shift
+    return out if out.any() else mask.copy()
+
+
+def kits23_instances(label: np.ndarray, spacing: tuple[float, float, float], seed: int, index: int,
+                     n_raters: int = N_RATERS) -> dict[str, np.ndarray]:
+    """KiTS23-style per-rater instance masks of a phantom label map: file stem
+    `{structure}_instance-{k}_annotation-{r}` -> uint8 mask. Instances are the connected components of the
+    kidney region (labels 1-3), of the tumour (2) and of the cyst (3); every rater outlines every instance
+    (`_rater_mask`), so the raters differ at the boundaries only."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng([int(seed), int(index), 23])
+    out = {}
+    for structure, values in KITS23_STRUCTURES:
+        comps, n = ndimage.label(np.isin(label, values))
+        for k in range(1, n + 1):
+            inst = comps == k
+            for r in range(1, n_raters + 1):
+                out[f"{structure}_instance-{k}_annotation-{r}"] = _rater_mask(inst, spacing, rng).astype(np.uint8)
+    return out
+
+
+def write_kits3d_kits23_folders(out_dir: str | Path, n_cases: int, seed: int,
+                                shape: tuple[int, int, int] = (32, 64, 64),
+                                spacing: tuple[float, float, float] = (2.5, 0.8, 0.8),
+                                overwrite: bool = False) -> Path:
+    """Write kits3d phantoms in the KiTS23 layout: `case_XXXXX/imaging.nii.gz` (HU, int16),
+    `segmentation.nii.gz` (the phantom's labels, uint8) and `instances/{kidney,tumor,cyst}_instance-K_
+    annotation-R.nii.gz` (three raters' outlines of each instance, `kits23_instances`), ready for
+    `convert-kits23`. Case k is the same case as `make_kits3d_dataset`'s KITS_0000k. Written through a
+    temporary folder; an existing non-empty `out_dir` is replaced only with `overwrite=True`."""
+    out_dir = Path(out_dir)
+    _check_request(n_cases, spacing)
+    check_writable(out_dir, overwrite)
+    with atomic_dir(out_dir) as tmp:
+        for index in range(n_cases):
+            case = tmp / f"case_{index:05d}"
+            (case / "instances").mkdir(parents=True)
+            image, label = kits3d_case(seed, index, shape, spacing)
+            _write_nifti(image, spacing, case / "imaging.nii.gz")
+            _write_nifti(label, spacing, case / "segmentation.nii.gz")
+            for stem, mask in kits23_instances(label, spacing, seed, index).items():
+                _write_nifti(mask, spacing, case / "instances" / f"{stem}.nii.gz")
+    return out_dir

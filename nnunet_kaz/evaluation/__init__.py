@@ -6,6 +6,10 @@ Array-level functions (spacing in array axis order, distances in its unit):
     ReliabilityHistogram / CalibrationSet -> streaming ECE, adaptive ECE, MCE, Brier
     ErrorAuroc, threshold_counts, scaled_uncertainty -> uncertainty against voxel errors (paper 000)
     score_correlations(scores, metrics) -> Spearman of per-image scores with Dice (paper 004)
+    surface_dice / normalized_surface_dice(pred, gt, spacing, tol) -> surface-distance's surfel Surface Dice
+    kits23_case_metrics(pred, gt, spacing) -> KiTS23 region Dice and Surface Dice
+    aurc, e_aurc, augrc, aggregate_uncertainty -> failure detection (ValUES, fd-shifts)
+    ncc, roi_auroc, rater_disagreement -> uncertainty against rater variability
 Folder level: evaluate_folder (`nnunet-kaz evaluate`) and compare_runs (`nnunet-kaz compare`).
 Definitions, units and empty-mask conventions are in each module's docstring.
 """
@@ -26,6 +30,19 @@ _EXPORTS = {
     "uncertainty_figure": "uncertainty_validation",
     "score_correlations": "score_correlation",
     "score_scatter": "score_correlation",
+    "surface_dice": "surface_dice",
+    "normalized_surface_dice": "surface_dice",
+    "kits23_case_metrics": "kits23_metrics",
+    "kits23_summary": "kits23_metrics",
+    "aurc": "failure_detection",
+    "e_aurc": "failure_detection",
+    "augrc": "failure_detection",
+    "aggregate_uncertainty": "failure_detection",
+    "failure_detection_table": "failure_detection",
+    "risk_coverage_figure": "failure_detection",
+    "ncc": "rater_agreement",
+    "roi_auroc": "rater_agreement",
+    "rater_disagreement": "rater_agreement",
     "EvaluationSettings": "evaluate",
     "evaluate_folder": "evaluate",
     "compare_runs": "compare",
