@@ -13,6 +13,8 @@ from nnunet_kaz.errors import KazError
 from nnunet_kaz.postprocessing import (CHAIN_FILENAME, Argmax, Closing, LargestComponent, PostprocessingChain,
                                        Resize, Threshold, close_labels, ellipsoid_element, hu_to_image_units,
                                        keep_largest_components, write_kaz_bmp)
+from nnunet_kaz.postprocessing.chain import FillHoles, MinimumSize, ResizeMask
+from nnunet_kaz.postprocessing.components import remove_small_components
 from nnunet_kaz.postprocessing.morphology import binary_closing_padded
 
 
@@ -156,8 +158,9 @@ def test_chain_json_round_trip_gives_identical_outputs(tmp_path):
     written = chain.save(tmp_path)
     assert written == tmp_path / CHAIN_FILENAME
     d = json.loads(written.read_text())
-    assert [s["step"] for s in d["steps"]] == ["resize", "threshold", "closing", "largest_component"]
-    assert d["steps"][1]["value"] == 0.4 and d["steps"][3]["fluid_window"] == [-5.0, 25.0]
+    assert [s["step"] for s in d["steps"]] == ["threshold", "closing", "largest_component", "fill_holes",
+                                               "minimum_size", "resize_mask"]
+    assert d["steps"][0]["value"] == 0.4 and d["steps"][2]["fluid_window"] == [-5.0, 25.0]
     back = PostprocessingChain.load(tmp_path)
     assert back == chain and back.to_dict() == chain.to_dict()
     a = chain.apply(binary_probs(fg[0])[:, None], image=image, spacing=(999.0, 1.0, 1.0))
@@ -168,32 +171,93 @@ def test_chain_json_round_trip_gives_identical_outputs(tmp_path):
     assert a.segmentation.any()
 
 
-def test_kaz_export_resizes_probabilities_before_thresholding_and_writes_8bit_bmp(tmp_path):
-    yy, xx = np.mgrid[0:64, 0:64]
-    fg = np.clip(1.2 - np.hypot(yy - 30, xx - 34) / 15, 0, 1)  # smooth cone
-    probs = binary_probs(fg)[:, None]  # (2, 1, 64, 64) as nnU-Net stores 2D cases
-    res = PostprocessingChain.paper000(size=(510, 788), radius_mm=0.0).apply(probs)
-    assert res.segmentation.shape == (1, 510, 788)
-    # resizing the probabilities and then thresholding follows the true outline much better than
-    # thresholding first and enlarging the blocky mask (nearest neighbour)
-    yo = (np.arange(510) + 0.5) * 64 / 510 - 0.5
-    xo = (np.arange(788) + 0.5) * 64 / 788 - 0.5
-    ideal = np.clip(1.2 - np.hypot(yo[:, None] - 30, xo[None] - 34) / 15, 0, 1) >= 0.4
-    blocky = (fg >= 0.4)[np.rint(yo).astype(int)[:, None], np.rint(xo).astype(int)[None]]
-    assert (res.segmentation[0].astype(bool) != ideal).sum() < (blocky != ideal).sum() / 2
+def _cv2_lanczos(arr, size):
+    import cv2
+
+    return cv2.resize(np.asarray(arr, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LANCZOS4)
+
+
+def test_paper000_resizes_the_cleaned_mask_last_not_the_probabilities_first(tmp_path):
+    """Paper 000 section 2.3: threshold 0.4 -> closing -> largest component -> (holes, minimum size) -> the
+    cleaned mask resized with Lanczos-4 (then 0.5) -> 8-bit BMP. The authors' notebook resizes the
+    probabilities first; on this case the two orders give different masks and the chain gives the paper's."""
+    fg = np.zeros((12, 14), np.float32)
+    fg[3:9, 4:11] = 0.45  # above the 0.4 threshold, below 0.5
+    fg[6, 7] = 0.1        # a hole, filled after the largest component
+    fg[0, 0:2] = 0.9      # a second, smaller component, dropped
+    size = (51, 79)
+    res = PostprocessingChain.paper000(size=size, radius_mm=0.0, min_size=0).apply(binary_probs(fg)[:, None])
+    # reference, step by step with scipy and OpenCV
+    from scipy import ndimage
+
+    mask = fg >= 0.4
+    comp, _ = ndimage.label(mask, np.ones((3, 3)))
+    mask = comp == np.argmax(np.bincount(comp.ravel())[1:]) + 1
+    mask = ndimage.binary_fill_holes(mask)
+    grown = _cv2_lanczos(mask, size)
+    last = grown >= 0.5
+    first = _cv2_lanczos(fg, size) >= 0.4  # the authors' order (their later clean-up would not restore it)
+    ours = res.segmentation[0].astype(bool)
+    ambiguous = np.abs(grown - 0.5) < 1e-4  # float32 rounding of OpenCV against ours
+    assert ((ours != last) & ~ambiguous).sum() == 0
+    assert (first != last).sum() > 100 and (ours != first).sum() > 100
+    assert res.segmentation.shape == (1, *size)
+    assert [r["step"] for r in res.report][-1] == "resize_mask"
+    # the old order stays available as an explicit chain
+    old = PostprocessingChain([Resize(list(size)), Threshold(0.4), LargestComponent()]).apply(binary_probs(fg)[:, None])
+    assert (old.segmentation[0].astype(bool) != last).sum() > 100
     write_kaz_bmp(res.segmentation, tmp_path / "KAZ_P001_a000.bmp")
     with Image.open(tmp_path / "KAZ_P001_a000.bmp") as im:
-        assert im.format == "BMP" and im.mode == "L" and im.size == (788, 510)
+        assert im.format == "BMP" and im.mode == "L" and im.size == (79, 51)
         arr = np.asarray(im)
     assert set(np.unique(arr).tolist()) == {0, 255}
     assert ((arr == 255) == (res.segmentation[0] > 0)).all()
-    # the intensity cyst rule may read the input image at the network's size or the original slice size
-    cyst_chain = PostprocessingChain.paper000(size=(510, 788), radius_mm=0.0, cyst_rule="intensity")
-    small, big = np.full((1, 64, 64), 100.0), np.full((1, 510, 788), 100.0)
-    for image in (small, big):
-        np.testing.assert_array_equal(cyst_chain.apply(probs, image=image).segmentation, res.segmentation)
-    with pytest.raises(KazError, match="resized"):
-        cyst_chain.apply(probs, image=np.zeros((1, 510, 787)))
+
+
+def test_minimum_size_counts_pixels_of_the_output_grid():
+    seg = np.zeros((20, 20), np.uint8)
+    seg[1:4, 1:4] = 1      # 9 pixels
+    seg[10:15, 10:15] = 1  # 25 pixels
+    seg[0, 19] = 2
+    out, removed = remove_small_components(seg, 10)
+    assert out[1:4, 1:4].sum() == 0 and out[10:15, 10:15].all() and out[0, 19] == 0
+    assert removed == {1: 9, 2: 1}
+    # 50 pixels of a 40 x 40 output grid are 12.5 pixels of this 20 x 20 grid: the 9-pixel square goes
+    step = MinimumSize(50, [40, 40])
+    assert step.voxels((1, 20, 20)) == pytest.approx(12.5)
+    res = PostprocessingChain([Argmax(), step]).apply(np.stack([seg == 0, seg == 1, seg == 2]).astype(np.float32))
+    assert res.segmentation.sum() == 25
+
+
+def test_resize_mask_with_several_labels_and_3d():
+    seg = np.zeros((3, 8, 8), np.uint8)
+    seg[:, 1:4, 1:4], seg[:, 4:7, 4:7] = 1, 2
+    res = PostprocessingChain([Argmax(), ResizeMask([16, 16])]).apply(
+        np.stack([seg == 0, seg == 1, seg == 2]).astype(np.float32), spacing=(3.0, 1.0, 1.0))
+    assert res.segmentation.shape == (3, 16, 16) and res.spacing == pytest.approx((3.0, 0.5, 0.5))
+    assert set(np.unique(res.segmentation).tolist()) == {0, 1, 2}
+    assert res.segmentation[:, 4:6, 4:6].min() == 1 and res.segmentation[:, 10:12, 10:12].min() == 2
+    assert (res.segmentation[0] == res.segmentation[2]).all()
+
+
+def test_paper000_uses_the_models_cyst_label_when_the_dataset_has_one():
+    kits = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
+    step = [s for s in PostprocessingChain.paper000(labels=kits).steps if isinstance(s, LargestComponent)][0]
+    assert (step.cyst_rule, step.cyst_label) == ("label", 3)
+    step = [s for s in PostprocessingChain.paper000(labels={"background": 0, "kaz": 1}).steps
+            if isinstance(s, LargestComponent)][0]
+    assert step.cyst_rule == "none"
+    assert [type(s) for s in PostprocessingChain.paper000(size=[510, 788]).steps] == [
+        Threshold, Closing, LargestComponent, FillHoles, MinimumSize, ResizeMask]
+    # on a 3-class map: the largest kidney component is mostly cyst, so the second largest kidney blob is kept
+    probs = np.zeros((4, 1, 20, 30), np.float32)
+    probs[0] = 1.0
+    big, small = (slice(2, 14), slice(2, 14)), (slice(5, 10), slice(20, 26))
+    probs[:, 0][(slice(None), *big)] = np.array([0, 0.3, 0, 0.7])[:, None, None]
+    probs[:, 0][(slice(None), *small)] = np.array([0, 1.0, 0, 0])[:, None, None]
+    probs[:, 0, 2:14, 2:4] = np.array([0, 1.0, 0, 0])[:, None, None]  # kidney rim on the cyst
+    seg = PostprocessingChain.paper000(labels=kits, radius_mm=0.0, min_size=0).apply(probs).segmentation[0]
+    assert (seg[small] == 1).all() and (seg[2:14, 2:4] == 0).all() and (seg[2:14, 4:14] == 3).all()
 
 
 def test_bad_chains_and_inputs_raise_clear_errors_and_write_nothing(tmp_path):

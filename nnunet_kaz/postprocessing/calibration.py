@@ -9,7 +9,7 @@ Conventions:
   `transform(X)` maps (N, C) probabilities to calibrated ones; `apply_calibration` does it for a (C, *spatial)
   map. Outputs are clipped to [0, 1] and sum to 1 over channels.
 - Binary models (C = 2) are calibrated on the foreground channel and the background gets 1 - q; multi-class
-  models are calibrated one-vs-rest per channel and renormalised (logistic, isotonic) or jointly (temperature).
+  models are calibrated one-vs-rest per channel and renormalised (logistic, platt, isotonic) or jointly (temperature).
 - Probabilities are clipped to [EPS, 1 - EPS] before logits or logarithms are taken.
 """
 from __future__ import annotations
@@ -220,13 +220,55 @@ class Calibrator(TransformerMixin, BaseEstimator):
 
 
 class LogisticCalibrator(Calibrator):
-    """One-dimensional logistic (Platt) calibration on the logit of p, paper 000 section 2.3:
-    q_c = sigmoid(a_c * logit(p_c) + b_c), fitted by weighted maximum likelihood (unpenalised logistic
-    regression) of 1[y = c] on logit(p_c). Binary: the foreground channel only, q_0 = 1 - q_1. Multi-class:
-    one-vs-rest per channel, then q / sum(q). A channel whose class is absent (or everywhere) in the fit set
-    keeps the identity (a = 1, b = 0), noted in `notes`."""
+    """Paper 000's calibrator (section 2.3: "a one-dimensional logistic-regression calibrator" fitted on the
+    pooled raw validation predictions), fitted as the authors' code fits it (AUTHORS_CODE.md): scikit-learn's
+    `LogisticRegression(solver="liblinear")` with its default L2 penalty, C = 1, on the probability p itself
+    as the single feature: q_c = sigmoid(a_c * p_c + b_c), weighted by the pooling's importance weights (which
+    sum to the voxels seen, so C = 1 weighs against the whole validation set as in the authors' fit on every
+    pixel). Binary: the foreground channel only, q_0 = 1 - q_1. Multi-class: one-vs-rest per channel, then
+    q / sum(q). A channel whose class is absent (or everywhere) in the fit set keeps q_c = p_c, noted in
+    `notes`. (Logistic regression on logit p is `PlattCalibrator`, method "platt".)"""
 
     method = "logistic"
+    C: ClassVar[float] = 1.0
+
+    def _fit(self, X, y, w):
+        self.slopes_, self.intercepts_ = np.zeros(self.n_channels_), np.zeros(self.n_channels_)
+        self.fitted_ = [False] * self.n_channels_
+        for c in self._targets():
+            target = (y == c).astype(int)
+            if target.min() == target.max():
+                self.notes_.append(f"class {self.classes_[c]['name']}: one outcome only in the fit set, identity")
+                continue
+            lr = LogisticRegression(solver="liblinear", C=self.C).fit(X[:, [c]], target, sample_weight=w)
+            self.slopes_[c], self.intercepts_[c] = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            self.fitted_[c] = True
+
+    def _transform(self, X):
+        q = X.copy()
+        for c in np.flatnonzero(self.fitted_):
+            q[:, c] = expit(X[:, c] * self.slopes_[c] + self.intercepts_[c])
+        return self._complete(q, X)
+
+    def _params(self):
+        return {"feature": "p", "C": self.C, "slopes": self.slopes_.tolist(),
+                "intercepts": self.intercepts_.tolist(), "fitted": [bool(f) for f in self.fitted_]}
+
+    def _set_params(self, params):
+        self.slopes_ = np.asarray(params["slopes"], dtype=np.float64)
+        self.intercepts_ = np.asarray(params["intercepts"], dtype=np.float64)
+        self.fitted_ = [bool(f) for f in params["fitted"]]
+
+
+class PlattCalibrator(Calibrator):
+    """Platt scaling on the logit of p (not paper 000's feature; see `LogisticCalibrator`):
+    q_c = sigmoid(a_c * logit(p_c) + b_c), fitted by weighted maximum likelihood (unpenalised logistic
+    regression) of 1[y = c] on logit(p_c); identity at a = 1, b = 0. Binary: the foreground channel only,
+    q_0 = 1 - q_1. Multi-class: one-vs-rest per channel, then q / sum(q). A channel whose class is absent (or
+    everywhere) in the fit set keeps the identity, noted in `notes`. Calibration files written as "logistic"
+    before the paper's calibrator took that name (parameters without "feature") are read as this."""
+
+    method = "platt"
 
     def _fit(self, X, y, w):
         self.slopes_, self.intercepts_ = np.ones(self.n_channels_), np.zeros(self.n_channels_)
@@ -316,11 +358,12 @@ class IsotonicCalibrator(Calibrator):
 
 
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    cls.method: cls for cls in (LogisticCalibrator, TemperatureCalibrator, IsotonicCalibrator)}
+    cls.method: cls for cls in (LogisticCalibrator, PlattCalibrator, TemperatureCalibrator, IsotonicCalibrator)}
 
 
 def make_calibrator(method: str, classes: list[dict] | None = None) -> Calibrator:
-    """A new, unfitted calibrator of `method` (logistic, temperature or isotonic)."""
+    """A new, unfitted calibrator of `method`: logistic (paper 000's, on p), platt (on logit p), temperature or
+    isotonic."""
     if method not in CALIBRATORS:
         raise KazError(f"unknown calibration method '{method}' (choose from {', '.join(CALIBRATORS)})")
     return CALIBRATORS[method](classes=classes)
@@ -342,8 +385,13 @@ def load_calibrator(path: str | Path, labels: Mapping[str, Any] | list[dict] | N
         raise KazError(f"cannot read calibration file {path}: {e}") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("method") not in CALIBRATORS:
         raise KazError(f"{path} is not a calibration file written by nnunet-kaz calibrate")
+    method = d["method"]
+    if method == "logistic" and isinstance(d.get("parameters"), dict) and "feature" not in d["parameters"]:
+        method = "platt"  # written before "logistic" became paper 000's regression on p: it is Platt on logit p
+        d = {**d, "method": method, "notes": [*d.get("notes", []), f"{path.name}: a 'logistic' calibrator on "
+                                              "logit p (older nnunet-kaz), read as 'platt'"]}
     try:
-        cal = CALIBRATORS[d["method"]].from_dict(d)
+        cal = CALIBRATORS[method].from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
         raise KazError(f"calibration file {path} is incomplete or damaged ({e!r})") from e
     if labels is not None:

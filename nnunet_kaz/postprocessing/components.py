@@ -119,3 +119,21 @@ def _is_cyst(component: np.ndarray, work: np.ndarray, rule: str, cyst_label: int
     if rule == "intensity":
         return is_fluid_like(image, component, fluid_window, max_std)
     return False
+
+
+def remove_small_components(seg: np.ndarray, min_size: float, connectivity: int | None = None,
+                            ) -> tuple[np.ndarray, dict]:
+    """Remove every component (module docstring's connectivity; default full) of each foreground label with
+    fewer than `min_size` voxels (set to background). Returns the map and {label: voxels removed}."""
+    work = _squeeze(seg)
+    out = work.copy()
+    removed: dict[int, int] = {}
+    for lab in [int(v) for v in np.unique(work) if v != 0]:
+        comp, n = _components(work == lab, connectivity)
+        sizes = ndimage.sum(np.ones_like(comp), comp, np.arange(1, n + 1))
+        small = np.flatnonzero(sizes < min_size) + 1
+        if small.size:
+            drop = np.isin(comp, small)
+            out[drop] = 0
+            removed[lab] = int(drop.sum())
+    return out.reshape(seg.shape), removed
