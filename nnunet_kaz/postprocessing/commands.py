@@ -35,18 +35,19 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "calibrate", help="fit a probability calibrator (logistic / temperature / isotonic) on validation npz",
+        "calibrate", help="fit a probability calibrator (logistic / platt / temperature / isotonic) on validation npz",
         description="Fit a calibrator on validation probabilities (CASE.npz with 'probabilities' (C, *spatial) "
                     "in the image geometry: nnU-Net's fold_X/validation after training with --npz, or "
                     "nnunet-kaz predict's output) against the label images (CASE.nii.gz / .png / .bmp ...). "
                     "Voxels are pooled with a seeded class-stratified subsample (at most --max-voxels-per-class "
                     "per class, importance-weighted back to the true class frequencies). Paper 000 section 2.3 "
-                    "uses 1-D logistic calibration.")
+                    "uses 1-D logistic calibration on p (--method logistic).")
     p.add_argument("-p", type=Path, required=True, metavar="VAL_PROBS", help="folder of CASE.npz probability files")
     p.add_argument("-l", type=Path, required=True, metavar="LABELS", help="folder of label images (e.g. labelsTr)")
     p.add_argument("-o", type=Path, required=True, metavar="CALIB_JSON", help="calibration file to write")
-    p.add_argument("--method", default="logistic", choices=["logistic", "temperature", "isotonic"],
-                   help="logistic (Platt on logit p, paper 000; default), temperature or isotonic")
+    p.add_argument("--method", default="logistic", choices=["logistic", "platt", "temperature", "isotonic"],
+                   help="logistic: paper 000's 1-D logistic regression on p (sklearn liblinear, C=1, as the "
+                        "authors; default); platt: logistic regression on logit p; temperature; isotonic")
     p.add_argument("--npz", action="store_true",
                    help="also write the calibrated validation probabilities to <CALIB>_calibrated/CASE.npz")
     p.add_argument("--dataset-json", type=Path, default=None,
