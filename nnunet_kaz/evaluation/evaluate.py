@@ -29,8 +29,9 @@ import pandas as pd
 
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.evaluation.calibration import CalibrationSet, roi_mask
-from nnunet_kaz.evaluation.cases import (
+from nnunet_kaz.cases import (
     CasePair,
+    check_declared_labels,
     dataset_labels,
     find_dataset_json,
     labels_present,
@@ -38,6 +39,7 @@ from nnunet_kaz.evaluation.cases import (
     load_uncertainty,
     match_cases,
     read_array,
+    read_dataset_json,
     read_segmentation,
 )
 from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, ConfusionCounts
@@ -69,12 +71,13 @@ class EvaluationSettings:
     pred_subset: bool = False
     uncertainty_pattern: str = "{case}_uncertainty.npz"
     uncertainty_key: str = "entropy"
+    allow_undeclared_labels: bool = False    # ground-truth labels dataset.json lacks: warn instead of error
 
     def check(self) -> None:
         if self.n_bins < 1:
-            raise KazError(f"--n-bins must be >= 1, got {self.n_bins}")
+            raise KazError(f"the number of bins (n_bins) must be >= 1, got {self.n_bins}", option="n_bins")
         if not self.roi_margin >= 0:
-            raise KazError(f"--roi-margin must be >= 0, got {self.roi_margin}")
+            raise KazError(f"the ROI margin (roi_margin) must be >= 0, got {self.roi_margin}", option="roi_margin")
         if self.entropy_scaling not in ("case", "absolute"):
             raise KazError(f"entropy scaling must be 'case' or 'absolute', got {self.entropy_scaling!r}")
         if self.labels is not None:
@@ -83,7 +86,7 @@ class EvaluationSettings:
                 raise KazError(f"labels must be a list of integers, got {self.labels!r}")
             self.labels = [int(v) for v in labels]
         if self.labels is not None and any(v <= 0 for v in self.labels):
-            raise KazError(f"--labels takes foreground label values (> 0), got {self.labels}")
+            raise KazError(f"labels must be foreground label values (> 0), got {self.labels}", option="labels")
         if "{case}" not in self.uncertainty_pattern:
             raise KazError(f"the uncertainty pattern must contain {{case}}, got {self.uncertainty_pattern!r}")
 
@@ -93,6 +96,7 @@ class EvaluationPlan:
     pairs: list[CasePair]
     settings: EvaluationSettings
     labels: list[int] | None                 # fixed before the run when known
+    declared: list[int] | None = None        # the foreground labels dataset.json declares, when found
     label_names: dict[str, int] = field(default_factory=dict)
     scores: pd.DataFrame | None = None
     sources: dict[str, str] = field(default_factory=dict)
@@ -128,16 +132,18 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
     """Check every input before anything is computed or written; KazError lists what is wrong."""
     settings = settings or EvaluationSettings()
     settings.check()
-    for what, d in (("--probs", probs_dir), ("--images", images_dir), ("--uncertainty", uncertainty_dir)):
+    for what, d in (("probability", probs_dir), ("image", images_dir), ("uncertainty", uncertainty_dir)):
         if d is not None and not Path(d).is_dir():
             raise KazError(f"{what} folder {d} does not exist")
     pairs = match_cases(Path(pred_dir), Path(gt_dir), probs_dir, uncertainty_dir, settings.uncertainty_pattern,
                         images_dir, settings.pred_subset)
-    dj = find_dataset_json(Path(pred_dir), Path(gt_dir).parent, Path(gt_dir))
+    dj_path = find_dataset_json(Path(pred_dir), Path(gt_dir), levels=1)
+    dj = read_dataset_json(dj_path) if dj_path is not None else None
     label_names: dict[str, int] = {}
     labels = None if settings.labels is None else sorted(set(settings.labels))
+    known = None
     if dj is not None:
-        known = dataset_labels(dj)
+        known = dataset_labels(dj, str(dj_path))
         label_names = {k: int(v) for k, v in dj.get("labels", {}).items() if isinstance(v, int)}
         if labels is None:
             labels = known
@@ -145,7 +151,7 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
             unknown = [v for v in labels if v not in known]
             if unknown:
                 raise KazError(f"label(s) {unknown} are not in the dataset's labels {known} (dataset.json)")
-    plan = EvaluationPlan(pairs, settings, labels, label_names)
+    plan = EvaluationPlan(pairs, settings, labels, declared=known, label_names=label_names)
     if scores_csv is not None:
         plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
         unknown = sorted(set(plan.scores["case"]) - {p.case for p in pairs})
@@ -223,7 +229,10 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         pred, _ = read_segmentation(pair.pred)
         if gt.shape != pred.shape:
             raise KazError(f"{pair.case}: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-        present = labels_present(gt) | labels_present(pred)
+        gt_labels = labels_present(gt)
+        if plan.declared is not None:
+            check_declared_labels(pair.case, gt_labels, plan.declared, str(pair.gt), s.allow_undeclared_labels)
+        present = gt_labels | labels_present(pred)
         seen |= present
         labels = plan.labels if plan.labels is not None else sorted(present)
         rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present)}
@@ -266,7 +275,8 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             raise KazError(f"label(s) {absent} occur in no ground truth and no prediction of the "
                            f"{len(plan.pairs)} case(s)")
     if not labels:
-        raise KazError("no foreground label in any ground truth or prediction; pass --labels")
+        raise KazError("no foreground label in any ground truth or prediction; name the labels to evaluate (labels)",
+                       option="labels")
     metrics = _complete(pd.DataFrame(rows), [p.case for p in plan.pairs], labels)
     result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures)
     if threshold_rows:

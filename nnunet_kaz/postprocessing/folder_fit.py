@@ -14,11 +14,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_kaz.errors import KazError
-from nnunet_kaz.postprocessing.calibration import (Calibrator, apply_calibration, check_probabilities,
-                                                   classes_from_labels, default_classes, labels_to_channels,
-                                                   make_calibrator, top_label_ece)
-from nnunet_kaz.postprocessing.cases import (find_dataset_json, find_label_files, find_probability_files,
-                                             load_probabilities, match_cases, read_dataset_json, read_label)
+from nnunet_kaz.cases import (find_dataset_json, load_probabilities, match_probabilities, read_dataset_json,
+                              read_segmentation)
+from nnunet_kaz.postprocessing.calibration import (Calibrator, apply_calibration, classes_from_labels,
+                                                   default_classes, labels_to_channels, make_calibrator,
+                                                   top_label_ece)
 from nnunet_kaz.postprocessing.pooling import pool_cases
 
 
@@ -34,10 +34,7 @@ class ValidationSet:
 
     @classmethod
     def from_folders(cls, prob_dir: Path, label_dir: Path, dataset_json: Path | None = None) -> "ValidationSet":
-        probs = find_probability_files(Path(prob_dir))
-        labels = find_label_files(Path(label_dir))
-        cases = match_cases(probs, labels)
-        n_channels = probs[cases[0]][1][0]
+        cases, prob_files, label_files, n_channels = match_probabilities(Path(prob_dir), Path(label_dir))
         dj_path = Path(dataset_json) if dataset_json else find_dataset_json(Path(prob_dir), Path(label_dir))
         if dj_path is not None:
             dj = read_dataset_json(dj_path)
@@ -45,17 +42,16 @@ class ValidationSet:
             ignore = dj["labels"].get("ignore")
             if len(classes) != n_channels:
                 raise KazError(f"{dj_path} lists {len(classes)} classes but the probabilities in {prob_dir} have "
-                               f"{n_channels} channels (pass the right --dataset-json)")
+                               f"{n_channels} channels (give the dataset.json of these predictions)")
         else:
             classes, ignore = default_classes(n_channels), None
-        return cls(cases, {c: probs[c][0] for c in cases}, {c: labels[c] for c in cases}, classes,
-                   None if ignore is None else int(ignore), dj_path)
+        return cls(cases, prob_files, label_files, classes, None if ignore is None else int(ignore), dj_path)
 
     def read(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(checked probabilities, channel indices, ignore mask or None) of one case."""
-        probs = check_probabilities(load_probabilities(self.prob_files[case]), str(self.prob_files[case]))
-        channels, ignore = labels_to_channels(read_label(self.label_files[case]), self.classes, self.ignore_label,
-                                              str(self.label_files[case]))
+        label, _ = read_segmentation(self.label_files[case])
+        probs = load_probabilities(self.prob_files[case], label.shape)
+        channels, ignore = labels_to_channels(label, self.classes, self.ignore_label, str(self.label_files[case]))
         return probs, channels, ignore
 
     def stream(self, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -78,6 +74,6 @@ def fit_on_validation(vs: ValidationSet, method: str, cap_per_class: int = 200_0
 def write_calibrated(vs: ValidationSet, calibrator: Calibrator, folder: Path, progress: bool = True) -> None:
     """Calibrated probabilities of every validation case as folder/CASE.npz (`probabilities`)."""
     for case in tqdm(vs.cases, desc="writing calibrated npz", disable=not progress):
-        probs = load_probabilities(vs.prob_files[case])
+        probs = np.load(vs.prob_files[case])["probabilities"]  # as stored (nnU-Net's axes), checked by fitting
         np.savez_compressed(folder / f"{case}.npz",
                             probabilities=apply_calibration(probs, calibrator, str(vs.prob_files[case])))
