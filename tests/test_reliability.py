@@ -3,7 +3,8 @@ with our trainers, fed bad input (missing or empty folders, unreadable or trunca
 a wrong dataset id, mismatched geometry, a corrupted checkpoint, a write error) ends with ONE message on stderr
 (`nnunet-kaz CMD: error: ...`, naming the offending file or id, no Python traceback), a non-zero exit code and
 nothing new or changed on disk (no output folder, no `.part` temporaries, nothing in the nnU-Net folders).
-And an interrupted predict (SIGKILL mid-run) resumes to outputs identical to an uninterrupted run.
+And an interrupted predict (frozen right after its first finished case, then SIGKILLed) resumes to outputs
+identical to an uninterrupted run.
 
 Every row runs the real CLI as a subprocess. Models come from the session's tiny phantom (`tiny_kaz`); one
 trained member (XBoundNetTrainer_debug, which other tests train too) serves predict, explain and the resume.
@@ -129,6 +130,42 @@ def bad(tiny_kaz, tmp_path_factory) -> SimpleNamespace:
     b.bad_member = b.results / KAZ / b.member.name
     shutil.copytree(b.member, b.bad_member)
     b.bad_checkpoint = truncate(b.bad_member / "fold_0" / "checkpoint_final.pth", 5000)
+
+    # an RGB PNG for the one-channel dataset, named as nnU-Net names channel 0
+    b.rgb_images = root / "rgb"
+    b.rgb_images.mkdir()
+    first = sorted((tiny_kaz.raw / "imagesTs").iterdir())[0]
+    gray = np.asarray(Image.open(first))
+    b.rgb_image = b.rgb_images / first.name
+    Image.fromarray(np.stack([gray, 255 - gray, gray // 2], axis=-1).astype(np.uint8), "RGB").save(b.rgb_image)
+
+    # a ground truth holding label 2, which the 0/1 dataset.json next to it does not declare
+    b.gt_label2 = root / "raw_label2" / "labelsTs"
+    shutil.copytree(b.gt, b.gt_label2)
+    shutil.copy(tiny_kaz.raw / "dataset.json", b.gt_label2.parent)
+    assert set(json.loads((tiny_kaz.raw / "dataset.json").read_text())["labels"].values()) == {0, 1}
+    b.label2_case = cases[1]
+    lab = np.asarray(Image.open(b.gt_label2 / f"{cases[1]}.png")).copy()
+    lab[:4, :4] = 2
+    Image.fromarray(lab).save(b.gt_label2 / f"{cases[1]}.png")
+
+    # a user's SGDR subclass that sets T0 / eta but keeps the inherited sgdr_cycle_ends (which overrides them)
+    b.ext_trainers = root / "ext_trainers"
+    b.ext_trainers.mkdir()
+    (b.ext_trainers / "kaz_user_sgdr.py").write_text(
+        "import torch\n\nfrom nnunet_kaz.trainers import nnUNetTrainerSGDR\n\n\n"
+        "class nnUNetTrainerSGDR_userT0(nnUNetTrainerSGDR):\n"
+        "    sgdr_T0 = 5\n"
+        "    sgdr_eta = 1.0\n"
+        "    snapshot_window = 2\n\n"
+        "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):\n"
+        "        super().__init__(plans, configuration, fold, dataset_json, device)\n"
+        "        self.num_epochs = 10  # T0 = 5, eta = 1 tile it: cycles end at 5, 10\n")
+    b.sgdr_results = root / "results_sgdr"
+    b.sgdr_results.mkdir()
+    from nnunet_kaz.paths import trainer_dir
+    b.sgdr_env = dict(tiny_kaz.env, nnUNet_results=str(b.sgdr_results),
+                      nnUNet_extTrainer=os.pathsep.join([str(b.ext_trainers), str(trainer_dir())]))
     return b
 
 
@@ -185,11 +222,16 @@ ROWS: dict[str, Callable[[SimpleNamespace], Row]] = {
     "nnUNetv2_train-corrupted_checkpoint": lambda b: Row(
         ["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", MEMBER, "-p", "nnUNetTinyPlans", "-device", "cpu", "--c"],
         [str(b.bad_checkpoint)], dict(b.tiny.env, nnUNet_results=str(b.results)), prefix="nnUNetv2_train: error:"),
+    "nnUNetv2_train-sgdr_T0_eta_under_default_cycle_ends": lambda b: Row(
+        ["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", "nnUNetTrainerSGDR_userT0", "-p", "nnUNetTinyPlans",
+         "-device", "cpu"], ["sgdr_cycle_ends"], b.sgdr_env, prefix="nnUNetv2_train: error:"),
     # prediction and explanation
     "predict-truncated_image": lambda b: Row(kaz("predict", "-i", b.images, "-o", b.out, "-m", f"{b.member}:0"),
                                              [str(b.truncated_image)]),
     "predict-corrupted_checkpoint": lambda b: Row(
         kaz("predict", "-i", b.tiny.raw / "imagesTs", "-o", b.out, "-m", f"{b.bad_member}:0"), [str(b.bad_checkpoint)]),
+    "predict-rgb_image_for_one_channel_dataset": lambda b: Row(
+        kaz("predict", "-i", b.rgb_images, "-o", b.out, "-m", f"{b.member}:0"), [b.rgb_image.name]),
     "predict-write_error": lambda b: Row(
         kaz("predict", "-i", b.tiny.raw / "imagesTs", "-o", b.file / "pred", "-m", f"{b.member}:0"), [str(b.file)]),
     "explain-truncated_image": lambda b: Row(kaz("explain", "-i", b.truncated_image, "-m", f"{b.member}:0", "-o", b.out),
@@ -210,6 +252,8 @@ ROWS: dict[str, Callable[[SimpleNamespace], Row]] = {
         kaz("evaluate", "--pred", b.pred_truncated, "--gt", b.gt, "-o", b.out), [str(b.truncated_seg)]),
     "evaluate-mismatched_geometry": lambda b: Row(
         kaz("evaluate", "--pred", b.pred, "--gt", b.gt_other_grid, "-o", b.out), [b.mismatched_case]),
+    "evaluate-undeclared_label_in_ground_truth": lambda b: Row(
+        kaz("evaluate", "--pred", b.pred, "--gt", b.gt_label2, "-o", b.out), [b.label2_case, "2"]),
     "evaluate-write_error": lambda b: Row(kaz("evaluate", "--pred", b.pred, "--gt", b.gt, "-o", b.file / "ev"),
                                           [str(b.file)]),
     "compare-missing_folder_and_truncated_probabilities": lambda b: Row(
@@ -294,8 +338,37 @@ def _assert_same_outputs(a: Path, b: Path) -> None:
             assert json.loads(fa.read_text()) == json.loads(fb.read_text()), name
 
 
+# Stops the whole process group of a run right after the rename that finishes a file named in
+# KAZ_TEST_STOP_AFTER (os.pathsep-separated names): every output goes through atomic_path's os.replace, so this is
+# the moment a case is finished. Loaded through PYTHONPATH as `sitecustomize` (the venv has none), so it reaches
+# the CLI and any worker process it starts, without a change to the package.
+STOP_AFTER_HOOK = """
+import os, signal
+_names = set(filter(None, os.environ.get("KAZ_TEST_STOP_AFTER", "").split(os.pathsep)))
+if _names:
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        if os.path.basename(os.fspath(dst)) in _names:
+            os.killpg(os.getpgid(0), signal.SIGSTOP)
+
+    os.replace = replace
+"""
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped (state T in /proc/PID/stat; the state follows the command name's last ')')."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def test_killed_predict_resumes_to_the_outputs_of_an_uninterrupted_run(bad, tmp_path):
-    images = tmp_path / "images"  # six tiny cases, so the run is still busy when the first one is finished
+    """predict is frozen (SIGSTOP, by the hook above) the moment its first case is finished and then SIGKILLed,
+    so the kill lands at the same point on any machine: one finished case, the others not started or half done."""
+    images = tmp_path / "images"
     images.mkdir()
     for f in sorted((bad.tiny.raw / "imagesTs").iterdir()) + sorted((bad.tiny.raw / "imagesTr").iterdir())[:3]:
         shutil.copy(f, images / f.name)
@@ -304,32 +377,41 @@ def test_killed_predict_resumes_to_the_outputs_of_an_uninterrupted_run(bad, tmp_
 
     def argv(out: Path) -> list[str]:
         return kaz("predict", "-i", images, "-o", out, "-m", f"{bad.member}:0", "--mc", 4, "--mc-batch", 2,
-                 "-device", "cpu")
+                   "-device", "cpu")
 
     whole = tmp_path / "whole"
     run(argv(whole), env)
 
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AFTER_HOOK)
+    stop_env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+                    KAZ_TEST_STOP_AFTER=os.pathsep.join(f"{c}.png" for c in cases))
     resumed = tmp_path / "resumed"
-    first_seg = resumed / f"{cases[0]}.png"
-    proc = subprocess.Popen([str(BIN / "nnunet-kaz"), *argv(resumed)[1:]], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN / "nnunet-kaz"), *argv(resumed)[1:]], env=stop_env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not first_seg.exists() and proc.poll() is None:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
+        while not _stopped(proc.pid) and proc.poll() is None:  # waits for the hook, not for a moment in time
+            time.sleep(0.05)
+        assert proc.poll() is None, f"predict exited ({proc.returncode}) without finishing a case under the hook"
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "predict finished before it could be killed"
-    assert first_seg.exists() and not (resumed / f"{cases[-1]}.png").exists()
+    assert proc.returncode == -signal.SIGKILL
+    finished = [c for c in cases if (resumed / f"{c}.png").exists()]
+    assert len(finished) == 1, f"the kill should leave exactly one finished case, found {finished}"
+    unfinished = [c for c in cases if c not in finished]
     for p in resumed.iterdir():  # what a kill leaves: finished files, and at most temporaries
         if not TEMPORARY_NAME.match(p.name):
             _assert_complete(p)
-    # what a kill during a write of the unfinished cases leaves (the kill above rarely lands in one): a stale
-    # temporary (atomic_path cannot remove it on SIGKILL) and a complete file of a case without segmentation
-    (resumed / f".{cases[-1]}.npz.abcd1234.part.npz").write_bytes(b"PK\x03\x04 half")
-    np.savez_compressed(resumed / f"{cases[-1]}_uncertainty.npz", entropy=np.zeros((1, 32, 32), np.float32))
+    # what a kill during a write of an unfinished case leaves: a stale temporary (atomic_path cannot remove it on
+    # SIGKILL) and a complete file of a case without segmentation
+    (resumed / f".{unfinished[-1]}.npz.abcd1234.part.npz").write_bytes(b"PK\x03\x04 half")
+    np.savez_compressed(resumed / f"{unfinished[-1]}_uncertainty.npz", entropy=np.zeros((1, 32, 32), np.float32))
 
-    run(argv(resumed), env)
+    run(argv(resumed), env)  # the same command, without the hook
     assert not [p for p in _files(resumed) if TEMPORARY_NAME.match(p)]
     _assert_same_outputs(whole, resumed)
     assert len(pd.read_csv(resumed / "scores.csv")) == len(cases)
