@@ -56,13 +56,18 @@ def compare(net: nn.Module) -> str:
         ours_t.append(t)
         t, ref = pytorch_grad_cam_once(net, x, mask)
         ref_t.append(t)
-    # pytorch-grad-cam min-max scales each map (and resizes with OpenCV): compare after the same scaling
-    diff = max(float(np.abs((m - m.min()) / (m.max() + 1e-7) - ref[k]).max()) for k, m in ours.items())
+    # pytorch-grad-cam min-max scales each map with its own scale_cam_image (and resizes with OpenCV): ours
+    # (already at the input size) go through the same function
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    diff = max(float(np.abs(scale_cam_image(m[None])[0] - ref[k]).max()) for k, m in ours.items())
     t0, t1 = statistics.median(ref_t), statistics.median(ours_t)
     return f"| {type(net).__name__} | {len(ours)} | {t0:.2f} s | {t1:.2f} s | **{t0 / t1:.1f}x** | {diff:.3f} |"
 
 
 def run() -> str:
+    from importlib.metadata import version
+
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: stable figures on a shared machine (both routes alike)
@@ -76,10 +81,11 @@ def run() -> str:
         "",
         f"One 2D case of {SIZE[0]}x{SIZE[1]}, features {FEATURES}, target = class-1 logits summed over the predicted "
         f"class-1 region, every block of `list_blocks`. Ours: `explain_case(..., 'all')` (one forward, one "
-        f"backward). pytorch-grad-cam 1.5 (`GradCAM` + `SemanticSegmentationTarget`): one call per layer, which is "
-        f"how it yields separate per-layer maps. Median of {REPEATS} alternating runs each, CPU float32, one "
-        f"thread. Max difference = largest absolute difference between the two min-max scaled maps over all "
-        f"blocks (same definition: float rounding and OpenCV vs torch bilinear resizing of the coarse layers).",
+        f"backward). pytorch-grad-cam {version('grad-cam')} (`GradCAM` + `SemanticSegmentationTarget`): one call "
+        f"per layer, which is how it yields separate per-layer maps. Median of {REPEATS} alternating runs each, CPU float32, one "
+        f"thread. Max difference = largest absolute difference between the two maps over all blocks, ours scaled "
+        f"with pytorch-grad-cam's own `scale_cam_image` (same definition; pytorch-grad-cam scales the coarse "
+        f"layers before resizing them with OpenCV, ours are resized with torch first).",
         "",
         "| network | blocks | pytorch-grad-cam, per layer | ours, all layers | speed-up | max difference |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -58,7 +58,6 @@ def main(names: list[str]) -> int:
         if missing:
             print(f"unknown benchmark(s): {sorted(missing)}", file=sys.stderr)
             return 2
-    sections = read_sections()
     for f in files:
         print(f"== {f.stem}", flush=True)
         spec = importlib.util.spec_from_file_location(f.stem, f)
@@ -66,6 +65,7 @@ def main(names: list[str]) -> int:
         spec.loader.exec_module(module)
         body = module.run().strip()
         stamp = f"_Measured {datetime.date.today().isoformat()} on {machine()}._"
+        sections = read_sections()  # read again: another run may have written its sections meanwhile
         sections[f.stem] = f"{body}\n\n{stamp}"
         write_sections(sections)  # after each one, so a later failure keeps earlier figures
         print(body, flush=True)
