@@ -27,25 +27,35 @@ class PairwiseIntersections:
     box of every non-empty mask seen so far. A mask that reaches outside the frame grows it and the stored
     masks are re-packed into the larger frame. Each new mask is intersected with every stored one by AND and
     popcount (np.bitwise_count), so the (N, N) intersection matrix is exact and complete after the last
-    sample. Memory: N * ceil(|frame| / 64) * 8 bytes, where |frame| is the union bounding box's voxel count
-    (`nbytes`); time: N^2 / 2 popcounts over the frame.
+    sample. Memory: N * ceil(|frame| / 64) * 8 bytes (`nbytes`; rows are stored in blocks of up to 4 MiB, so
+    at most one block is partly empty), where |frame| is the union bounding box's voxel count; time: N^2 / 2
+    popcounts over the frame.
     """
+
+    BLOCK_BYTES = 4 << 20
 
     def __init__(self, spatial_shape: Sequence[int]):
         self.shape = tuple(int(s) for s in spatial_shape)
         self.lo: np.ndarray | None = None  # frame box [lo, hi) per axis
         self.hi: np.ndarray | None = None
-        self.rows: list[np.ndarray] = []   # one packed mask per sample (uint64 words), zeros for empty masks
-        self.inter = np.zeros((0, 0), dtype=np.int64)
+        self._blocks: list[np.ndarray] = []  # (rows, words) uint64 blocks of packed masks (zeros: empty mask)
+        self._n_rows = 0
+        self._inter = np.zeros((16, 16), dtype=np.int64)  # capacity grows by half, so growing is O(N^2) in all
         self._n_before_frame = 0           # empty masks added before any frame existed
 
     @property
     def n(self) -> int:
-        return self._n_before_frame + len(self.rows)
+        return self._n_before_frame + self._n_rows
+
+    @property
+    def inter(self) -> np.ndarray:
+        """(N, N) int64: |S_i & S_j|, the diagonal holding the volumes |S_i|."""
+        return self._inter[: self.n, : self.n]
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows)
+        """Bytes of the stored packed masks (the last block may hold up to 4 MiB of not yet used rows)."""
+        return self._n_rows * (self._blocks[0].shape[1] * 8 if self._blocks else 0)
 
     def _frame(self) -> tuple[slice, ...]:
         return tuple(slice(int(a), int(b)) for a, b in zip(self.lo, self.hi))
@@ -65,14 +75,32 @@ class PairwiseIntersections:
         shape = self._frame_shape()
         return np.unpackbits(row.view(np.uint8), count=int(np.prod(shape))).reshape(shape).astype(bool)
 
+    def _rows(self):
+        """(block, number of filled rows) pairs."""
+        left = self._n_rows
+        for block in self._blocks:
+            yield block, min(left, len(block))
+            left -= len(block)
+
+    def _append(self, row: np.ndarray) -> None:
+        filled = self._n_rows - sum(len(b) for b in self._blocks[:-1]) if self._blocks else 0
+        if not self._blocks or filled == len(self._blocks[-1]):
+            per_block = max(1, min(256, self.BLOCK_BYTES // max(row.nbytes, 1)))
+            self._blocks.append(np.zeros((per_block, row.size), dtype=np.uint64))
+            filled = 0
+        self._blocks[-1][filled] = row
+        self._n_rows += 1
+
     def _reframe(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Re-pack every stored mask into the larger frame [lo, hi)."""
         old = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(self.lo, self.hi, lo))
         new_shape = tuple(int(b - a) for a, b in zip(lo, hi))
-        for k, row in enumerate(self.rows):
+        rows = [block[k] for block, filled in self._rows() for k in range(filled)]
+        self._blocks, self._n_rows = [], 0
+        for row in rows:
             grown = np.zeros(new_shape, dtype=bool)
             grown[old] = self._unpack(row)
-            self.rows[k] = self._pack(grown)
+            self._append(self._pack(grown))
         self.lo, self.hi = lo, hi
 
     def add(self, mask: np.ndarray) -> None:
@@ -80,14 +108,15 @@ class PairwiseIntersections:
         if mask.shape != self.shape:
             raise ValueError(f"mask of shape {mask.shape} added to pairwise intersections of shape {self.shape}")
         n = self.n
-        grown = np.zeros((n + 1, n + 1), dtype=np.int64)
-        grown[:n, :n] = self.inter
-        self.inter = grown
+        if n == len(self._inter):
+            grown = np.zeros((n + n // 2, n + n // 2), dtype=np.int64)
+            grown[:n, :n] = self._inter
+            self._inter = grown
         if not mask.any():
             if self.lo is None:
                 self._n_before_frame += 1
             else:
-                self.rows.append(np.zeros_like(self.rows[0]))
+                self._append(np.zeros(self._blocks[0].shape[1], dtype=np.uint64))
             return
         extent = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))
                   for d in range(mask.ndim)]
@@ -96,15 +125,18 @@ class PairwiseIntersections:
         if self.lo is None:
             self.lo, self.hi = lo, hi
             empty = self._pack(np.zeros(self._frame_shape(), dtype=bool))
-            self.rows = [empty.copy() for _ in range(self._n_before_frame)]
+            for _ in range(self._n_before_frame):
+                self._append(empty)
             self._n_before_frame = 0
         elif (lo < self.lo).any() or (hi > self.hi).any():
             self._reframe(np.minimum(lo, self.lo), np.maximum(hi, self.hi))
         row = self._pack(mask[self._frame()])
-        counts = np.array([int(np.bitwise_count(r & row).sum()) for r in self.rows], dtype=np.int64)
-        self.inter[n, :n] = self.inter[:n, n] = counts
-        self.inter[n, n] = int(mask.sum())
-        self.rows.append(row)
+        counts = [np.bitwise_count(block[:filled] & row).sum(axis=1, dtype=np.int64)
+                  for block, filled in self._rows() if filled]
+        counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+        self._inter[n, :n] = self._inter[:n, n] = counts
+        self._inter[n, n] = int(mask.sum())
+        self._append(row)
 
 
 @dataclass
