@@ -351,12 +351,13 @@ def check_probability_header(path: Path, spatial: tuple[int, ...], n_labels_need
     return int(shape[0])
 
 
-def load_probabilities(path: Path, spatial: tuple[int, ...] | None = None) -> np.ndarray:
+def load_probabilities(path: Path, spatial: tuple[int, ...] | None = None, softmax: bool = True) -> np.ndarray:
     """float32 (C, *spatial) softmax probabilities from an nnU-Net npz (singleton spatial axes dropped; checked
     against `spatial` when given), checked over EVERY voxel: finite, within [0, 1], summing to 1 over C.
 
     Region-based (sigmoid) outputs do not sum to 1 and are refused: their calibration needs one binary
-    problem per region, which neither the evaluation nor the calibrators do."""
+    problem per region, which neither the evaluation nor the calibrators do. `softmax=False` reads them (one
+    sigmoid channel per region, checked finite and within [0, 1]) for the per-channel users (conformal)."""
     from nnunet_kaz.postprocessing.calibration import check_probabilities
 
     try:
@@ -367,6 +368,11 @@ def load_probabilities(path: Path, spatial: tuple[int, ...] | None = None) -> np
     except Exception as e:
         raise KazError(f"cannot read probabilities from {path}: {e}") from e
     probs = squeeze_to(np.asarray(probs), spatial, 1, path)
+    if not softmax:
+        probs = np.asarray(probs, dtype=np.float32)
+        if not np.all(np.isfinite(probs)) or (probs.size and (probs.min() < 0 or probs.max() > 1)):
+            raise KazError(f"{path}: probabilities must be finite and within [0, 1]")
+        return probs
     return check_probabilities(probs, str(path))
 
 

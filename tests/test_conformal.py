@@ -115,3 +115,96 @@ def test_coverage_over_random_draws(alpha):
     se = realised.std(ddof=1) / np.sqrt(realised.size)
     assert realised.mean() <= alpha + 3 * se
     assert realised.mean() >= alpha - 2 / 41 - 3 * se
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+def _write_folder(root, n_cases: int, regions: bool = False, shape=(12, 14), seed: int = 0):
+    """nnU-Net-style validation folder: CASE.npz probabilities (C, 1, H, W as nnU-Net writes 2D) and CASE.png labels
+    with a dataset.json; returns {case: (probabilities, label map)}."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    probs_dir, gt_dir = root / "probs", root / "gt"
+    probs_dir.mkdir(parents=True)
+    gt_dir.mkdir()
+    labels = ({"background": 0, "kidney_and_mass": [1, 2], "mass": [2]} if regions
+              else {"background": 0, "zone": 1, "cyst": 2})
+    (gt_dir / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".png"}))
+    out = {}
+    for i in range(n_cases):
+        lab = rng.integers(0, 3, shape).astype(np.uint8)
+        if i % 4 == 0:
+            lab[lab == 1] = 0  # some cases without label 1
+        if regions:
+            p = rng.random((2, *shape)).astype(np.float32)
+        else:
+            p = rng.dirichlet([1, 1, 1], shape).transpose(2, 0, 1).astype(np.float32)
+        np.savez_compressed(probs_dir / f"c{i:02d}.npz", probabilities=p[:, None])
+        Image.fromarray(lab).save(gt_dir / f"c{i:02d}.png")
+        out[f"c{i:02d}"] = (p, lab)
+    return probs_dir, gt_dir, out
+
+
+def test_fit_command_equals_the_array_fit(tmp_path):
+    import json
+
+    from nnunet_kaz.cli import main
+
+    probs_dir, gt_dir, cases = _write_folder(tmp_path, 12)
+    out = tmp_path / "conformal.json"
+    assert main(["conformal", "fit", "--probs", str(probs_dir), "--gt", str(gt_dir), "--label", "zone", "2",
+                 "--alpha", "0.2", "-o", str(out), "-q"]) == 0
+    d = json.loads(out.read_text())
+    for entry, label in zip(d["labels"], (1, 2)):
+        expected = FNRControl(alpha=0.2).fit((p[label], lab == label) for p, lab in cases.values())
+        assert entry["channel"] == label and entry["threshold"] == expected.threshold_
+    assert [x["name"] for x in d["labels"]] == ["zone", "cyst"]
+
+
+def test_fit_command_on_regions(tmp_path):
+    import json
+
+    from nnunet_kaz.cli import main
+
+    probs_dir, gt_dir, cases = _write_folder(tmp_path, 10, regions=True)
+    out = tmp_path / "c.json"
+    assert main(["conformal", "fit", "--probs", str(probs_dir), "--gt", str(gt_dir), "--label", "mass",
+                 "kidney_and_mass", "--alpha", "0.3", "-o", str(out), "-q"]) == 0
+    d = {x["name"]: x for x in json.loads(out.read_text())["labels"]}
+    mass = FNRControl(alpha=0.3).fit((p[1], lab == 2) for p, lab in cases.values())
+    kidney = FNRControl(alpha=0.3).fit((p[0], np.isin(lab, [1, 2])) for p, lab in cases.values())
+    assert d["mass"]["threshold"] == mass.threshold_ and d["kidney_and_mass"]["threshold"] == kidney.threshold_
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "1.2"], "alpha must lie strictly between 0 and 1"),
+    (["--alpha", "0"], "alpha must lie strictly between 0 and 1"),
+    (["--label", "tumour"], "not foreground labels of dataset.json"),
+    (["--alpha", "0.05"], "cannot meet alpha = 0.05: the bound"),
+])
+def test_fit_command_bad_input(tmp_path, capsys, extra, message):
+    from nnunet_kaz.cli import main
+
+    probs_dir, gt_dir, _ = _write_folder(tmp_path, 12)
+    out = tmp_path / "conformal.json"
+    args = ["conformal", "fit", "--probs", str(probs_dir), "--gt", str(gt_dir), "--label", "zone", "-o", str(out),
+            "-q", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["gt", "probs"]
+
+
+def test_fit_command_shape_mismatch(tmp_path, capsys):
+    from PIL import Image
+
+    from nnunet_kaz.cli import main
+
+    probs_dir, gt_dir, _ = _write_folder(tmp_path, 12)
+    Image.fromarray(np.zeros((12, 15), np.uint8)).save(gt_dir / "c03.png")
+    out = tmp_path / "conformal.json"
+    assert main(["conformal", "fit", "--probs", str(probs_dir), "--gt", str(gt_dir), "--label", "zone",
+                 "-o", str(out), "-q"]) == 2
+    assert "c03" in capsys.readouterr().err and not out.exists()
