@@ -125,14 +125,16 @@ def coefficient_of_variation(volumes: np.ndarray) -> float:
 
 
 def mean_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
-    """Paper 004's mean pairwise Dice of N binarised samples, exactly as its equation defines it:
+    """Paper 004's mean pairwise Dice D_pw of N binarised samples (section "Uncertainty information": the "mean
+    pairwise dice over all binarized samples", after Roy et al. 2018), exactly:
 
         D_pw = 1 / C(N, 2) * sum_{i<j} 2 |S_i & S_j| / (|S_i| + |S_j|),
 
     from the (N, N) matrix of pairwise intersections |S_i & S_j| and the volumes |S_i| (`StreamingStats`
-    accumulates both from bit-packed sample masks). A pair of two empty masks agrees (Dice 1); one empty mask
-    against a non-empty one has Dice 0. Fewer than two samples: NaN. Nine identical samples and one empty
-    one give 36 / 45 = 0.8 (the pooled variant, `pooled_pairwise_dice`, gives 0.889)."""
+    accumulates both from bit-packed sample masks). The paper does not define the Dice of two empty masks: here
+    such a pair agrees (Dice 1); one empty mask against a non-empty one has Dice 0. Fewer than two samples: NaN.
+    Nine identical samples and one empty one give 36 / 45 = 0.8 (the pooled variant, `pooled_pairwise_dice`,
+    gives 0.889)."""
     v = np.asarray(volumes, dtype=np.float64)
     n = v.size
     if n < 2:
