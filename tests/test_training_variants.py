@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from nnunet_kaz.trainers import XBoundNetTrainerSGDR_debug, nnUNetTrainerDropout_p02_debug
+from nnunet_kaz.trainers import (
+    XBoundNetTrainerSGDR_debug,
+    nnUNetTrainerDropout_p02_debug,
+    nnUNetTrainerDropoutSpatial_p02_debug,
+)
 from nnunet_kaz.trainers.sgdr import sgdr_lr
 from tests.conftest import KAZ, KAZ_ID, run
 
@@ -57,10 +61,15 @@ def test_same_seed_gives_identical_weights_and_different_seeds_differ(tiny_kaz):
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
 
 
-def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypatch):
+@pytest.mark.parametrize("trainer,kind", [(nnUNetTrainerDropout_p02_debug, torch.nn.Dropout),
+                                          (nnUNetTrainerDropoutSpatial_p02_debug, torch.nn.Dropout2d)])
+def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypatch, trainer, kind):
+    """Element-wise (Gal & Ghahramani) or spatial (paper 004) dropout after every convolution, p = 0.2, and the
+    predictor rebuilds exactly that network from the checkpoint."""
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    folder = tiny_kaz.train("nnUNetTrainerDropout_p02_debug")
+    folder = tiny_kaz.train(trainer.__name__)
     for key, value in tiny_kaz.env.items():
         if key.startswith("nnUNet"):
             monkeypatch.setenv(key, value)
@@ -70,11 +79,13 @@ def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypa
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
-    trained = nnUNetTrainerDropout_p02_debug.build_network_architecture(pm, pm.get_configuration("2d"), 1, 2, True)
+    trained = trainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 2, True)
     describe = lambda net: [(n, type(m).__name__, m.p) for n, m in net.named_modules()  # noqa: E731
                             if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
     assert describe(predictor.network) == describe(trained)
-    assert len(describe(trained)) >= 2 * 4 and all(p == 0.2 for _, _, p in describe(trained))
+    convs = [m for m in trained.modules() if isinstance(m, ConvDropoutNormReLU)]
+    assert len(describe(trained)) == len(convs) >= 2 * 4  # one after every convolution of encoder and decoder
+    assert all(type(c.dropout) is kind and c.dropout.p == 0.2 for c in convs)
 
 
 @pytest.mark.parametrize("attrs,match", [

@@ -2,7 +2,7 @@
 `export nnUNet_extTrainer=$(nnunet-kaz trainer-dir)` is set (see `nnunet_kaz.paths.trainer_dir`).
 
 Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nnUNetTrainerSGDR,
-nnUNetTrainerDropout, nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
+nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004), nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads (paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX
 (`mhex_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
 
@@ -18,7 +18,8 @@ _EXPORTS = {
     "XBoundNetTrainer": "xboundnet_trainer", "XBoundNetTrainer_Adam": "xboundnet_trainer",
     "build_logdice_ce_loss": "losses",
     "XBoundNetTrainerSGDR": "sgdr_trainer", "nnUNetTrainerSGDR": "sgdr_trainer", "SGDRSnapshotMixin": "sgdr_trainer",
-    "nnUNetTrainerDropout": "dropout_trainer", "SeededTrainerMixin": "seeding",
+    "nnUNetTrainerDropout": "dropout_trainer", "nnUNetTrainerDropoutSpatial": "dropout_trainer",
+    "SeededTrainerMixin": "seeding",
     "nnUNetTrainerWCE": "weighted_ce", "XBoundNetTrainerWCE": "weighted_ce", "WeightedCEMixin": "weighted_ce",
     "PaperDAMixin": "augmentation", "PaperDARecipe": "augmentation",
     "XBoundNetTrainerMHEX": "mhex_trainer", "nnUNetTrainerMHEX": "mhex_trainer", "MHEXTrainerMixin": "mhex_trainer",

@@ -10,7 +10,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kaz.trainers.augmentation import PaperDAMixin
-from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout
+from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout, nnUNetTrainerDropoutSpatial
 from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
@@ -81,10 +81,17 @@ _loss_da = [
 variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
         "XBoundNetTrainer_paperDA for tests.", DEBUG)
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
-                    f"nnU-Net's network with dropout p = {p} after every convolution.", dropout_p=p)
+                    f"nnU-Net's network with element-wise dropout p = {p} after every convolution (Gal & "
+                    "Ghahramani).", dropout_p=p)
             for tag, p in DROPOUT_RATES.items()]
+_dropout += [variant(nnUNetTrainerDropoutSpatial, f"nnUNetTrainerDropoutSpatial_{tag}",
+                     f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after every "
+                     "convolution (paper 004).", dropout_p=p)
+             for tag, p in DROPOUT_RATES.items()]
 variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
         "nnUNetTrainerDropout_p02 for tests.", DEBUG)
+variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpatial_p02_debug",
+        "nnUNetTrainerDropoutSpatial_p02 for tests.", DEBUG)
 
 # MHEX+ heads (issue 7, paper 003)
 _mhex = [
