@@ -8,53 +8,47 @@ import numpy as np
 import torch
 
 from nnunet_kaz.errors import KazError
-from nnunet_kaz.input_checks import check_case_files
-
-
-def _case_name(image: Path, ending: str) -> str:
-    name = image.name
-    if not name.endswith(ending) or not name[: -len(ending)].endswith("_0000"):
-        raise KazError(f"{image}: expected nnU-Net naming CASE_0000{ending}")
-    return name[: -len(ending) - 5]
 
 
 def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, layers: Sequence[str] = ("all",),
                    target: str = "pred", gt: Path | None = None, target_class: int = 1,
-                   device: str = "cpu") -> list[Path]:
-    """Grad-CAM of every requested block for each image; returns the grid PNGs written."""
+                   device: str = "auto", tile_step_size: float = 0.5) -> list[Path]:
+    """Grad-CAM of every requested block for each image (of any size: explained on nnU-Net's sliding window);
+    returns the grid PNGs written. Every input is checked before anything is written."""
+    from nnunet_kaz.cases import check_image_case, n_input_channels, resolve_images
     from nnunet_kaz.explain.figures import save_gradcam_grid
     from nnunet_kaz.explain.gradcam import explain_case, resolve_layers, save_maps_npz
-    from nnunet_kaz.inference import UncertaintyPredictor, parse_member
+    from nnunet_kaz.explain.loading import check_dimensions
+    from nnunet_kaz.inference import load_member
     from nnunet_kaz.inference.export import GeometryRestorer, write_map
 
-    member = parse_member(member_spec)
-    member.checkpoints = member.checkpoints[:1]
-    predictor = UncertaintyPredictor([member], device=device, verbose=False)
-    network = next(iter(predictor._networks.values()))
-    network.load_state_dict(predictor.models[0].weights)
+    predictor, network = load_member(member_spec, device, tile_step_size=tile_step_size)
     names = resolve_layers(network, list(layers) if list(layers) != ["all"] else "all")  # lists valid names
     ending = predictor.dataset_json["file_ending"]
     three_d = len(predictor.configuration_manager.patch_size) == 3
+    n_classes = predictor.label_manager.num_segmentation_heads
+    if not 0 <= target_class < n_classes:
+        raise KazError(f"target class {target_class} (target_class) out of range: the member has classes "
+                       f"0..{n_classes - 1}", option="target_class")
+    if target not in ("pred", "gt"):
+        raise KazError(f"the target must be 'pred' or 'gt', got {target!r}")
     if target == "gt" and gt is None:
-        raise KazError("--target gt needs --gt (a ground-truth folder or file)")
+        raise KazError("a ground-truth target needs a ground-truth folder or file (gt)", option="gt")
     jobs = []
-    for image in map(Path, images):
-        if not image.is_file():
-            raise KazError(f"image {image} not found")
-        case = _case_name(image, ending)
-        check_case_files([image])  # a truncated image fails before the output folder is made
+    for case, files in resolve_images(images, predictor.dataset_json).items():
         gt_file = None
         if target == "gt":
             gt_file = Path(gt) / f"{case}{ending}" if Path(gt).is_dir() else Path(gt)
             if not gt_file.is_file():
-                raise KazError(f"ground truth {gt_file} not found for {image}")
-        jobs.append((image, case, gt_file))
+                raise KazError(f"ground truth {gt_file} not found for {files[0]}")
+        # a truncated or colour image fails before the output folder is made
+        check_image_case(case, files, n_input_channels(predictor.dataset_json), gt_file)
+        jobs.append((files, case, gt_file))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for image, case, gt_file in jobs:
-        data, seg, props = _preprocess(predictor, image, gt_file)
-        if three_d and data.shape[1] == 1:
-            raise KazError(f"{member.folder.name} is a 3D model ({member.configuration}); {image} is a 2D image")
+    for files, case, gt_file in jobs:
+        data, seg, props = _preprocess(predictor, files, gt_file)
+        check_dimensions(predictor, data)
         mask = None if seg is None else (seg[0] == target_class)
         if not three_d:  # 2D network: explain the slice with the most target (or the middle one)
             index = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1))) if mask is not None and mask.any() \
@@ -63,7 +57,7 @@ def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, laye
         else:
             tensor = data
         maps = explain_case(network, tensor, names, None if mask is None else torch.from_numpy(mask),
-                            target_class, predictor.configuration_manager.patch_size, device=device)
+                            target_class, predictor.configuration_manager.patch_size, tile_step_size)
         grid = out_dir / f"{case}_gradcam.png"
         save_gradcam_grid(tensor.numpy(), maps, grid, mask=mask, title=f"{case}: Grad-CAM of class {target_class} "
                           f"over the {'ground truth' if target == 'gt' else 'prediction'}")
@@ -81,13 +75,13 @@ def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, laye
     return written
 
 
-def _preprocess(predictor, image: Path, gt_file: Path | None):
+def _preprocess(predictor, files: list[str], gt_file: Path | None):
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     try:
-        data, seg, props = preprocessor.run_case([str(image)], None if gt_file is None else str(gt_file),
+        data, seg, props = preprocessor.run_case(list(files), None if gt_file is None else str(gt_file),
                                                  predictor.plans_manager, predictor.configuration_manager,
                                                  predictor.dataset_json)
     except Exception as e:
-        raise KazError(f"cannot read or preprocess {image}: {type(e).__name__}: {e}") from None
+        raise KazError(f"cannot read or preprocess {files}: {type(e).__name__}: {e}") from None
     seg = None if gt_file is None else np.asarray(seg)
     return torch.from_numpy(np.asarray(data, dtype=np.float32)), seg, props

@@ -10,8 +10,8 @@ Definitions (paper 000 section 2.2; paper 001 eq. 1; Selvaraju et al. 2017; Vino
   An empty mask gives all-zero maps.
 All requested layers are hooked at once and `torch.autograd.grad` takes the gradients of the target with respect to
 all of their outputs in a single backward pass (pytorch-grad-cam needs one forward + backward per layer for
-separate maps). Images larger than the network's patch are explained tile by tile on nnU-Net's sliding-window grid
-and the tile maps are stitched with nnU-Net's Gaussian weights.
+separate maps). Given the plans' patch size, images are explained tile by tile on nnU-Net's sliding-window grid
+(padded to the patch as nnU-Net pads, so any image size works) and the tile maps stitched with nnU-Net's Gaussian.
 """
 from __future__ import annotations
 
@@ -170,48 +170,47 @@ def _as_batch(image: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
 
 def sliding_window_gradcam(network: nn.Module, image: torch.Tensor, layers: Sequence[str],
                            targets: Sequence[Target], patch_size: Sequence[int], tile_step_size: float = 0.5,
-                           device: torch.device | str = "cpu", progress: bool = False) -> list[dict[str, np.ndarray]]:
-    """Grad-CAM per tile of nnU-Net's sliding-window grid, stitched with nnU-Net's Gaussian weights.
+                           device: torch.device | str | None = None, progress: bool = False
+                           ) -> list[dict[str, np.ndarray]]:
+    """Grad-CAM per tile of nnU-Net's sliding-window grid, stitched with nnU-Net's Gaussian weights
+    (`nnunet_kaz.inference.tiling.stitch_tiles`, the predictor's tiling).
 
-    image: (1, C, *spatial); masks in `targets` cover the whole image (None = each tile's own predicted region).
-    The image is padded to at least the patch size like nnU-Net (constant 0) and the padding cropped off again.
-    Each stitched map is sum_t g_t * map_t / sum_t g_t over the tiles t covering a voxel (g: Gaussian, sigma 1/8 of
-    the tile). Returns one {layer: (*spatial) float32 array} per target.
+    image: (1, C, *spatial) of any size; masks in `targets` cover the whole image (None = each tile's own
+    predicted region). The image is zero-padded to at least the patch size as nnU-Net pads (so the network always
+    sees its patch size: an image smaller than the patch in some axis works) and the padding is cropped off
+    again; the masks are padded with it (as extra channels of the tiled array). Each stitched map is
+    sum_t g_t * map_t / sum_t g_t over the tiles t covering a voxel (g: Gaussian, sigma 1/8 of the tile). Tiles go
+    to the network's device and dtype (`device` is accepted for compatibility and must be the network's).
+    Returns one {layer: (*spatial) float32 array} per target.
     """
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
-    from tqdm import tqdm
+    from nnunet_kaz.inference.tiling import stitch_tiles
 
     cam = LayerGradCAM(network, layers)
-    device = torch.device(device)
-    data, revert = pad_nd_image(image[0], list(patch_size), "constant", {"value": 0}, True, None)
-    masks = []
+    image = torch.as_tensor(image).float()
+    spatial = tuple(image.shape[2:])
+    channels = [image[0]]
+    with_mask = []
     for _, mask in targets:
         if mask is not None:
             mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-            if tuple(mask.shape) != tuple(image.shape[2:]):
-                raise KazError(f"target mask shape {tuple(mask.shape)} does not match the image "
-                               f"{tuple(image.shape[2:])}")
-            mask = pad_nd_image(mask[None].float(), list(patch_size), "constant", {"value": 0}, False, None)[0]
-        masks.append(mask)
-    shape = tuple(data.shape[1:])
-    steps = compute_steps_for_sliding_window(shape, tuple(patch_size), tile_step_size)
-    gaussian = compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=10,
-                                dtype=torch.float32, device=torch.device("cpu"))
-    sums = [{n: torch.zeros(shape) for n in cam.layers} for _ in targets]
-    weight = torch.zeros(shape)
-    corners = list(np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(steps)))
-    for corner in tqdm(corners, desc="Grad-CAM tiles", disable=not progress):
-        sl = tuple(slice(int(c), int(c) + p) for c, p in zip(corner, patch_size))
-        tile = data[(slice(None), *sl)][None].to(device)
-        tile_targets = [(cls, None if m is None else m[sl].to(device)) for (cls, _), m in zip(targets, masks)]
-        results, _ = cam(tile, tile_targets)
-        for acc, maps in zip(sums, results):
-            for n, m in maps.items():
-                acc[n][sl] += m[0].cpu() * gaussian
-        weight[sl] += gaussian
-    crop = tuple(revert[1:])
-    return [{n: (acc[n] / weight)[crop].numpy().astype(np.float32) for n in cam.layers} for acc in sums]
+            if tuple(mask.shape) != spatial:
+                raise KazError(f"target mask shape {tuple(mask.shape)} does not match the image {spatial}")
+            channels.append(mask[None].float())
+        with_mask.append(mask is not None)
+    n_in = image.shape[1]
+
+    def tile_maps(tile: torch.Tensor) -> torch.Tensor:
+        masks = iter(range(n_in, tile.shape[1]))
+        tile_targets = [(cls, tile[0, next(masks)] > 0.5 if has else None)
+                        for (cls, _), has in zip(targets, with_mask)]
+        results, _ = cam(tile[:, :n_in], tile_targets)
+        return torch.stack([maps[n][0].detach() for maps in results for n in cam.layers])
+
+    stitched = stitch_tiles(tile_maps, torch.cat(channels), patch_size, tile_step_size, network,
+                            progress="Grad-CAM tiles" if progress else None).numpy()
+    n = len(cam.layers)
+    return [{name: stitched[t * n + i].astype(np.float32) for i, name in enumerate(cam.layers)}
+            for t in range(len(targets))]
 
 
 def explain_case(network: nn.Module, image_tensor: torch.Tensor | np.ndarray, layers: str | Sequence[str] = "all",
@@ -222,8 +221,9 @@ def explain_case(network: nn.Module, image_tensor: torch.Tensor | np.ndarray, la
 
     image_tensor: (C, *spatial) (or (1, C, *spatial)) as the network sees it (nnU-Net-preprocessed).
     target_mask: (*spatial) region whose `target_class` logits are summed (e.g. the ground truth); None = the
-    predicted `target_class` region. patch_size: the plans' patch size; when given and the image is larger than it
-    in some axis, the case is explained tile by tile (`sliding_window_gradcam`), else in one pass. The network is
+    predicted `target_class` region. patch_size: the plans' patch size; when given, the case is explained on
+    nnU-Net's sliding window (`sliding_window_gradcam`: padded to the patch, tiled, Gaussian-stitched), so images
+    of any size, smaller or larger than the patch, work; without it, in one pass at its own size. The network is
     put in eval mode (dropout off) for the call and its deep supervision is switched off; both are restored.
     """
     dim = network_dim(network)
@@ -236,14 +236,17 @@ def explain_case(network: nn.Module, image_tensor: torch.Tensor | np.ndarray, la
     if ds is not None:
         decoder.deep_supervision = False
     try:
-        if patch_size is not None and any(s > p for s, p in zip(image.shape[2:], patch_size)):
+        if patch_size is not None:
             return sliding_window_gradcam(network, image, names, [(target_class, target_mask)], patch_size,
-                                          tile_step_size, device, progress)[0]
+                                          tile_step_size, progress=progress)[0]
+        from nnunet_kaz.inference.tiling import network_placement
+
+        net_device, net_dtype = network_placement(network)
         mask = None
         if target_mask is not None:
             mask = torch.as_tensor(np.asarray(target_mask) if not isinstance(target_mask, torch.Tensor)
-                                   else target_mask).to(device)
-        results, _ = LayerGradCAM(network, names)(image.to(device), [(target_class, mask)])
+                                   else target_mask).to(net_device)
+        results, _ = LayerGradCAM(network, names)(image.to(net_device, net_dtype), [(target_class, mask)])
         return {n: m[0].cpu().numpy().astype(np.float32) for n, m in results[0].items()}
     finally:
         if ds is not None:

@@ -57,45 +57,44 @@ def mhex_tile_maps(model, tile: torch.Tensor, target_class: int) -> np.ndarray:
 
 
 def mhex_images(inputs: Sequence[Path], member_spec: str, out_dir: Path, ensemble: Sequence[str] = (), mc: int = 0,
-                target_class: int = 1, device: str = "cpu", tile_step_size: float = 0.5) -> list[Path]:
+                target_class: int = 1, device: str = "auto", tile_step_size: float = 0.5) -> list[Path]:
     """Write per case CASE_mhex.png and CASE_mhex.npz (and, with an ensemble, mhex_agreement.csv); returns the
     PNGs. Every input is checked before anything is written."""
     from nnunet_kaz.explain.figures import save_gradcam_grid
-    from nnunet_kaz.explain.loading import load_member, network_views, resolve_images, tiled_maps
+    from nnunet_kaz.cases import check_image_case, n_input_channels, resolve_images
+    from nnunet_kaz.explain.loading import check_dimensions, load_member, tiled_maps
     from nnunet_kaz.explain.mhex import ensemble_entropy, uncertainty_agreement
     from nnunet_kaz.explain.gradcam import save_maps_npz
     from nnunet_kaz.inference import UncertaintyPredictor, parse_member
     from nnunet_kaz.inference.export import GeometryRestorer, write_map
     from nnunet_kaz.inference.members import check_compatible
-    from nnunet_kaz.input_checks import check_case_files
 
-    predictor, network = load_member(member_spec, device)
+    predictor, network = load_member(member_spec, device, tile_step_size=tile_step_size)
     model = _mhex_network(predictor, network)
     n_heads = len(model.heads)
     if n_heads < 2:
         raise KazError("collaboration gradients need at least two MHEX+ heads (a network with >= 3 stages)")
     n_classes = predictor.label_manager.num_segmentation_heads
     if not 0 <= target_class < n_classes:
-        raise KazError(f"--target-class {target_class} out of range: the member has {n_classes} classes")
+        raise KazError(f"target class {target_class} (target_class) out of range: the member has classes "
+                       f"0..{n_classes - 1}", option="target_class")
     ens = None
     if ensemble or mc:
         members = [parse_member(s) for s in ensemble] if ensemble else [parse_member(member_spec)]
         check_compatible([predictor.members[0], *members])
-        ens = UncertaintyPredictor(members, mc=mc, device=device, verbose=False)
+        ens = UncertaintyPredictor(members, mc=mc, device=device, tile_step_size=tile_step_size, verbose=False)
     cases = resolve_images(inputs, predictor.dataset_json)
-    for files in cases.values():
-        check_case_files(files)
+    for case, files in cases.items():
+        check_image_case(case, files, n_input_channels(predictor.dataset_json))
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = predictor.dataset_json["file_ending"]
     patch = predictor.configuration_manager.patch_size
     rows, written = [], []
     for case, files in tqdm(sorted(cases.items()), desc="cases", disable=len(cases) < 2):
         data, props = predictor.preprocess(files)
-        views = network_views(predictor, data)
-        maps = np.zeros((2 * n_heads + 1, *data.shape[1:]), np.float32)
-        for index, view in views:
-            maps[(slice(None), *index)] = tiled_maps(lambda t: mhex_tile_maps(model, t, target_class), view, patch,
-                                                     tile_step_size)
+        check_dimensions(predictor, data)
+        # a 2D patch on (C, Z, Y, X) tiles every slice; any size, smaller or larger than the patch
+        maps = tiled_maps(lambda t: mhex_tile_maps(model, t, target_class), data, patch, tile_step_size, model)
         cams, pairs, u, prob = maps[:n_heads], maps[n_heads:2 * n_heads - 1], maps[2 * n_heads - 1], maps[-1]
         disagreement = (n_heads - 1) - u
         named = {**{f"cam_stage{j}": cams[j] for j in range(n_heads)},

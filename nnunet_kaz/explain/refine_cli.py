@@ -51,7 +51,8 @@ def last_block(network: torch.nn.Module) -> str:
     inside an MHEX+ wrapper; KazError for networks without `decoder.stages`."""
     stages = getattr(getattr(network, "decoder", None), "stages", None)
     if stages is None or len(stages) == 0:
-        raise KazError(f"{type(network).__name__} has no decoder.stages: give the block with --layer")
+        raise KazError(f"{type(network).__name__} has no decoder.stages: name the Grad-CAM block to use (layer)",
+                       option="layer")
     target = stages[len(stages) - 1]
     return next(name for name, m in network.named_modules() if m is target)
 
@@ -84,85 +85,85 @@ def case_maps(predictor, network, block: str, files: list[str], case: str, targe
               roi: str = "all", tile_step_size: float = 0.5) -> CaseMaps:
     """p and Grad-CAM heatmap of one case in the input geometry (module docstring)."""
     from nnunet_kaz.explain.gradcam import explain_case
-    from nnunet_kaz.explain.loading import network_views
+    from nnunet_kaz.explain.loading import check_dimensions
     from nnunet_kaz.inference.export import GeometryRestorer
 
     data, props = predictor.preprocess(files)
+    check_dimensions(predictor, data)
     mean = predictor.sample_case(data, case).mean
     predicted = mean.argmax(0) == target_class
     heat = np.zeros(data.shape[1:], np.float32)
     patch = predictor.configuration_manager.patch_size
-    for index, view in network_views(predictor, data):
+    # what the network sees: the volume for a 3D configuration, each slice for a 2D one (nnU-Net's layout)
+    views = [((slice(None),) * (data.ndim - 1), data)] if len(patch) == data.ndim - 1 else \
+        [((z,), data[:, z]) for z in range(data.shape[1])]
+    for index, view in views:
         mask = predicted[index]
         if mask.any():
             heat[index] = explain_case(network, view, [block], torch.from_numpy(mask), target_class, patch,
-                                       tile_step_size, predictor.device)[block]
+                                       tile_step_size)[block]
     geo = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props)
     return CaseMaps(geo.probabilities(mean, False), geo.maps(heat[None])[0], target_class, margin, props, roi)
 
 
-def _read_label(rw, path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    try:
-        seg, _ = rw.read_seg(str(path))
-    except Exception as e:
-        raise KazError(f"cannot read label {path}: {type(e).__name__}: {e}") from None
-    seg = np.asarray(seg)[0]
-    if seg.shape != tuple(shape):
-        raise KazError(f"label {path} has shape {seg.shape}, its image {tuple(shape)}")
-    return seg
+def _read_label(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A label image (`nnunet_kaz.cases.read_segmentation`) in the layout of the case's maps `shape`."""
+    from nnunet_kaz.cases import read_segmentation, squeeze_to
+
+    return squeeze_to(read_segmentation(path)[0], tuple(shape), 0, path)
 
 
-def _check_inputs(cases: dict[str, list[str]], labels: dict[str, Path] | None) -> None:
-    """Every image (and label) complete and readable, a case's files of one size: before anything is written."""
-    from nnunet_kaz.input_checks import check_case_files
+def _image_cases(predictor, images_dir: Path, labels_dir: Path | None, what: str
+                 ) -> tuple[dict[str, list[str]], dict[str, Path] | None]:
+    """Every case of `images_dir` and its label in `labels_dir` (if given), all checked (complete, readable,
+    one size per case, the dataset's channels) before anything is written."""
+    from nnunet_kaz.cases import check_image_case, list_image_cases, list_label_files, n_input_channels
 
+    cases = list_image_cases(images_dir, predictor.dataset_json)
+    labels = None
+    if labels_dir is not None:
+        found = list_label_files(labels_dir, what)
+        missing = sorted(set(cases) - set(found))
+        if missing:
+            ending = predictor.dataset_json["file_ending"]
+            raise KazError(f"missing {what} file(s): " + ", ".join(str(Path(labels_dir) / f"{c}{ending}")
+                                                                   for c in missing))
+        labels = {c: found[c] for c in cases}
     for case, files in cases.items():
-        check_case_files([*files, *([labels[case]] if labels is not None else [])])
-
-
-def _label_files(labels_dir: Path, cases: Sequence[str], ending: str, what: str) -> dict[str, Path]:
-    if not Path(labels_dir).is_dir():
-        raise KazError(f"{what} folder {labels_dir} does not exist")
-    files = {c: Path(labels_dir) / f"{c}{ending}" for c in cases}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise KazError(f"missing {what} file(s): " + ", ".join(missing))
-    return files
+        check_image_case(case, files, n_input_channels(predictor.dataset_json),
+                         None if labels is None else labels[case])
+    return cases, labels
 
 
 def _check_class(predictor, target_class: int) -> None:
     n = predictor.label_manager.num_segmentation_heads
     if not 1 <= target_class < n:
-        raise KazError(f"target class {target_class} out of range: the member has classes 0..{n - 1} "
-                       "(0 is the background)")
+        raise KazError(f"target class {target_class} (target_class) out of range: the member has classes "
+                       f"0..{n - 1}, 0 being the background", option="target_class")
 
 
 def refine_fit(member_spec: str, images_dir: Path, labels_dir: Path, out_json: Path, margin: int = 5,
                target_class: int = 1, layer: str | None = None, roi: str = "all", iterations: int = 1000,
-               learning_rate: float = 0.5, seed: int = 0, device: str = "cpu") -> dict:
+               learning_rate: float = 0.5, seed: int = 0, device: str = "auto",
+               tile_step_size: float = 0.5) -> dict:
     """Fit the heatmap refiner on the ROI voxels of every case of `images_dir` against `labels_dir`; write JSON."""
     from nnunet_kaz.explain.gradcam import resolve_layers
-    from nnunet_kaz.explain.loading import load_member
     from nnunet_kaz.explain.refinement import HeatmapRefiner, pool_roi_features
-    from nnunet_kaz.inference import list_cases
+    from nnunet_kaz.inference import load_member
 
     if margin < 0:
-        raise KazError(f"--margin must be >= 0, got {margin}")
+        raise KazError(f"the ROI margin (margin) must be >= 0, got {margin}", option="margin")
     if roi not in ROI_MODES:
-        raise KazError(f"--roi must be one of {ROI_MODES}, got {roi!r}")
-    predictor, network = load_member(member_spec, device)
+        raise KazError(f"the ROI mode (roi) must be one of {ROI_MODES}, got {roi!r}", option="roi")
+    predictor, network = load_member(member_spec, device, tile_step_size=tile_step_size)
     _check_class(predictor, target_class)
     block = resolve_layers(network, [layer])[0] if layer else last_block(network)
-    ending = predictor.dataset_json["file_ending"]
-    cases = list_cases(images_dir, predictor.dataset_json)
-    labels = _label_files(labels_dir, list(cases), ending, "label")
-    _check_inputs(cases, labels)
+    cases, labels = _image_cases(predictor, images_dir, labels_dir, "label")
     refiner = HeatmapRefiner(iterations=iterations, learning_rate=learning_rate, seed=seed)  # checks arguments
-    rw = predictor.plans_manager.image_reader_writer_class()
     pooled, summary = [], []
     for case, files in tqdm(sorted(cases.items()), desc="refine fit: cases"):
-        m = case_maps(predictor, network, block, files, case, target_class, margin, roi)
-        y = _read_label(rw, labels[case], m.seg.shape) == target_class
+        m = case_maps(predictor, network, block, files, case, target_class, margin, roi, tile_step_size)
+        y = _read_label(labels[case], m.seg.shape) == target_class
         pooled.append((m.probs[target_class], m.h, y, m.roi))
         summary.append({"case": case, "roi_voxels": 0 if m.roi is None else int(m.seg[m.roi].size)})
     X, y = pool_roi_features(pooled)
@@ -231,20 +232,16 @@ def refine_probabilities(refiner, m: CaseMaps, target_class: int) -> tuple[np.nd
     return probs, seg
 
 
-def _squeezed(a: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, list[float]]:
-    keep = [i for i, s in enumerate(a.shape) if s > 1] or [a.ndim - 1]
-    return a.reshape([a.shape[i] for i in keep]), [float(spacing[i]) for i in keep]
-
-
 def effect_row(case: str, before: np.ndarray, after: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                roi_voxels: int) -> dict:
     """Dice and HD95 of one class mask before / after refinement against the ground truth (module docstring)."""
+    from nnunet_kaz.cases import drop_singletons
     from nnunet_kaz.evaluation import overlap_metrics, surface_metrics
 
     row = {"case": case}
     for tag, pred in (("before", before), ("after", after)):
-        p, sp = _squeezed(pred, spacing)
-        g, _ = _squeezed(gt, spacing)
+        p, sp = drop_singletons(pred, spacing)
+        g, _ = drop_singletons(gt, spacing)
         row[f"dice_{tag}"] = overlap_metrics(p, g)["dice"]
         row[f"hd95_{tag}"] = surface_metrics(p, g, sp)["hd95"]
     row["roi_voxels"], row["changed_voxels"] = roi_voxels, int(np.count_nonzero(before != after))
@@ -252,27 +249,24 @@ def effect_row(case: str, before: np.ndarray, after: np.ndarray, gt: np.ndarray,
 
 
 def refine_apply(member_spec: str, images_dir: Path, refiner_json: Path, out_dir: Path, gt_dir: Path | None = None,
-                 device: str = "cpu") -> pd.DataFrame | None:
+                 device: str = "auto", tile_step_size: float = 0.5) -> pd.DataFrame | None:
     """Refined segmentations CASE.ext and CASE.npz (probabilities, roi) in `out_dir`; with `gt_dir` also
     refinement_effect.csv (returned). Every input is checked before anything is written."""
-    from nnunet_kaz.explain.loading import load_member
-    from nnunet_kaz.inference import list_cases
+    from nnunet_kaz.inference import load_member
     from nnunet_kaz.inference.export import save_npz, write_segmentation
 
-    predictor, network = load_member(member_spec, device)
+    predictor, network = load_member(member_spec, device, tile_step_size=tile_step_size)
     refiner, features = load_refiner(refiner_json, network, predictor)
     cls, margin, block, roi_mode = features["target_class"], features["margin"], features["block"], features["roi"]
     ending = predictor.dataset_json["file_ending"]
-    cases = list_cases(images_dir, predictor.dataset_json)
-    gts = _label_files(gt_dir, list(cases), ending, "ground-truth") if gt_dir is not None else None
-    _check_inputs(cases, gts)
+    cases, gts = _image_cases(predictor, images_dir, gt_dir, "ground-truth")
     rw = predictor.plans_manager.image_reader_writer_class()
     dtype = np.uint8 if predictor.label_manager.num_segmentation_heads < 255 else np.uint16
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for case, files in tqdm(sorted(cases.items()), desc="refine apply: cases"):
-        m = case_maps(predictor, network, block, files, case, cls, margin, roi_mode)
-        gt = _read_label(rw, gts[case], m.seg.shape) if gts is not None else None
+        m = case_maps(predictor, network, block, files, case, cls, margin, roi_mode, tile_step_size)
+        gt = _read_label(gts[case], m.seg.shape) if gts is not None else None
         probs, seg = refine_probabilities(refiner, m, cls)
         roi = np.array([[s.start, s.stop] for s in m.roi], dtype=np.int64) if m.roi is not None \
             else np.zeros((0, 2), np.int64)

@@ -5,7 +5,11 @@ _EXPORTS = {
     "UncertaintyPredictor": "predictor",
     "Member": "members",
     "parse_member": "members",
-    "list_cases": "predictor",
+    "load_member": "predictor",
+    "load_models": "members",
+    "LoadedModel": "members",
+    "resolve_device": "predictor",
+    "stitch_tiles": "tiling",
     "collect_scores": "predictor",
 }
 __all__ = list(_EXPORTS)

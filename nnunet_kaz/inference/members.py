@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 from nnunet_kaz.errors import KazError
 
@@ -125,3 +126,86 @@ def check_compatible(members: list[Member]) -> None:
             problems.append(f"{m.folder}: preprocessing differs from {ref.folder} in {diff}")
     if problems:
         raise KazError("members cannot be combined:\n  " + "\n  ".join(problems))
+
+
+def find_trainer_class(name: str) -> type:
+    """Our trainers directly; anything else through nnU-Net's lookup (its folder, then nnUNet_extTrainer)."""
+    from nnunet_kaz import trainers
+
+    if hasattr(trainers, name):
+        return getattr(trainers, name)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        raise KazError(f"trainer {name!r} (named in the checkpoint) is neither nnU-Net's nor ours; add its "
+                       f"folder to nnUNet_extTrainer") from None
+
+
+@dataclass
+class LoadedModel:
+    """One member checkpoint: its weights (on the CPU, as nnU-Net keeps its folds' parameters) and the network
+    of its architecture (shared between the checkpoints of one architecture, on the target device)."""
+
+    member: Member
+    checkpoint: Path
+    key: tuple
+    weights: dict = field(repr=False)
+    network: Any = field(repr=False)
+
+    @property
+    def patch_size(self) -> list[int]:
+        return self.network.patch_size
+
+    def ready(self):
+        """The network with this checkpoint's weights, in eval mode, ready to run."""
+        self.network.load_state_dict(self.weights)
+        self.network.eval()
+        return self.network
+
+
+def load_models(members: Sequence[Member], device: Any = "cpu", mc: int = 0) -> list[LoadedModel]:
+    """Members (folder, folds, checkpoints) -> one LoadedModel per checkpoint, with the same checks for every
+    command: members combinable (`check_compatible`), each checkpoint readable and an nnU-Net checkpoint, its
+    trainer found, its weights fitting the network the trainer builds (`build_network_architecture` from the
+    member's plans, deep supervision off, exactly as nnU-Net's predictor), and dropout present when `mc` > 0."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not members:
+        raise KazError("no ensemble members given")
+    check_compatible(list(members))
+    from nnunet_kaz.inference.sliding_window import dropout_modules
+
+    networks: dict[tuple, torch.nn.Module] = {}
+    models = []
+    for member in members:
+        pm = PlansManager(member.plans)
+        for path in member.checkpoints:
+            ckpt = load_checkpoint(path)
+            trainer_name = ckpt["trainer_name"]
+            member.trainer_name = trainer_name
+            configuration = ckpt.get("init_args", {}).get("configuration", member.configuration)
+            key = (str(member.folder), trainer_name, configuration)
+            if key not in networks:
+                cm = pm.get_configuration(configuration)
+                trainer = find_trainer_class(trainer_name)
+                n_in = determine_num_input_channels(pm, cm, member.dataset_json)
+                n_out = pm.get_label_manager(member.dataset_json).num_segmentation_heads
+                net = trainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
+                net.patch_size = list(cm.patch_size)
+                net.mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
+                networks[key] = net.to(torch.device(device))
+            try:
+                networks[key].load_state_dict(ckpt["network_weights"])
+            except RuntimeError as e:
+                raise KazError(f"checkpoint {path} does not fit the network of {member.folder.name}: "
+                               f"{str(e).splitlines()[0]}") from None
+            if mc > 0 and not dropout_modules(networks[key]):
+                raise KazError(f"MC dropout (mc = {mc} samples) needs dropout, but {trainer_name} in {member.folder} "
+                               f"has no dropout modules (train an nnUNetTrainerDropout_* or XBoundNet trainer)",
+                               option="mc")
+            models.append(LoadedModel(member, path, key, ckpt["network_weights"], networks[key]))
+    return models

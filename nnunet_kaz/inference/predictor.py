@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +22,9 @@ from tqdm import tqdm
 
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, write_segmentation
-from nnunet_kaz.inference.members import Member, check_compatible, load_checkpoint
-from nnunet_kaz.inference.sliding_window import dropout_modules, predict_samples, set_mc_dropout
-from nnunet_kaz.input_checks import check_case_files
+from nnunet_kaz.inference.members import Member, load_models, parse_member
+from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
+from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.trainers.seeding import derive_seed
 from nnunet_kaz.uncertainty.measures import (
@@ -42,27 +41,20 @@ SCORE_COLUMNS = ["case", "label", "mean_entropy", "relunet_score", "cv", "pairwi
                  "n_members", "n_samples"]
 
 
-def find_trainer_class(name: str) -> type:
-    """Our trainers directly; anything else through nnU-Net's lookup (its folder, then nnUNet_extTrainer)."""
-    from nnunet_kaz import trainers
-
-    if hasattr(trainers, name):
-        return getattr(trainers, name)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto`: cuda when available, else cpu; anything else as torch names it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return recursive_find_trainer_class_by_name(name)
-    except RuntimeError:
-        raise KazError(f"trainer {name!r} (named in the checkpoint) is neither nnU-Net's nor ours; add its "
-                       f"folder to nnUNet_extTrainer") from None
+        return torch.device(device)
+    except RuntimeError as e:
+        raise KazError(f"unknown device {device!r}: {e}") from None
 
 
-@dataclass
-class _Model:
-    member: Member
-    checkpoint: Path
-    key: tuple  # networks are shared between checkpoints of one architecture
-    weights: dict  # on the CPU, as nnU-Net keeps its folds' parameters
+def default_mc_batch(device: torch.device) -> int:
+    """MC samples predicted together per tile: 1 on CPU (faster there and no extra memory), 8 on GPU
+    (benchmarks/README.md, bench_predictor)."""
+    return 1 if torch.device(device).type == "cpu" else 8
 
 
 class UncertaintyPredictor:
@@ -74,15 +66,19 @@ class UncertaintyPredictor:
     """
 
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
-                 device: str | torch.device = "cpu", mc_batch: int = 8, seed: int = 0, verbose: bool = True,
-                 calibration=None, postprocessing=None):
-        if not members:
-            raise KazError("no ensemble members given")
-        if mc < 0 or mc_batch < 1:
-            raise KazError(f"--mc must be >= 0 and the MC batch >= 1 (got {mc}, {mc_batch})")
-        check_compatible(list(members))
+                 device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
+                 verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False):
+        self.device = resolve_device(device)
+        mc_batch = default_mc_batch(self.device) if mc_batch is None else mc_batch
+        if mc < 0:
+            raise KazError(f"the number of MC samples (mc) must be >= 0, got {mc}", option="mc")
+        if mc_batch < 1:
+            raise KazError(f"the MC batch (mc_batch) must be >= 1, got {mc_batch}", option="mc_batch")
+        if not 0 < tile_step_size <= 1:
+            raise KazError(f"the tile step (tile_step_size) must lie in (0, 1], got {tile_step_size}",
+                           option="tile_step_size")
         self.members, self.mc, self.mirror, self.step = list(members), mc, mirror, tile_step_size
-        self.device = torch.device(device)
+        self.calibrated_entropy = calibrated_entropy
         self.mc_batch, self.seed, self.verbose = mc_batch, seed, verbose
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -95,42 +91,11 @@ class UncertaintyPredictor:
         self.calibration, self.postprocessing = calibration, postprocessing
         if calibration is not None and self.regions:
             raise KazError("calibration applies to softmax outputs; these members were trained on regions")
-        self._networks: dict[tuple, torch.nn.Module] = {}
-        self.models = self._load_models()
+        self.models = load_models(self.members, self.device, mc)
 
-    # --- models ---------------------------------------------------------------------------------------
-    def _load_models(self) -> list[_Model]:
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        models = []
-        for member in self.members:
-            pm = PlansManager(member.plans)
-            for path in member.checkpoints:
-                ckpt = load_checkpoint(path)
-                trainer_name = ckpt["trainer_name"]
-                member.trainer_name = trainer_name
-                configuration = ckpt["init_args"]["configuration"]
-                key = (str(member.folder), trainer_name, configuration)
-                if key not in self._networks:
-                    cm = pm.get_configuration(configuration)
-                    trainer = find_trainer_class(trainer_name)
-                    n_in = determine_num_input_channels(pm, cm, member.dataset_json)
-                    n_out = pm.get_label_manager(member.dataset_json).num_segmentation_heads
-                    net = trainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
-                    net.patch_size = list(cm.patch_size)
-                    net.mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
-                    self._networks[key] = net.to(self.device)
-                try:
-                    self._networks[key].load_state_dict(ckpt["network_weights"])
-                except RuntimeError as e:
-                    raise KazError(f"checkpoint {path} does not fit the network of {member.folder.name}: "
-                                   f"{str(e).splitlines()[0]}") from None
-                if self.mc > 0 and not dropout_modules(self._networks[key]):
-                    raise KazError(f"--mc {self.mc} needs dropout, but {trainer_name} in {member.folder} has no "
-                                   f"dropout modules (train an nnUNetTrainerDropout_* or XBoundNet trainer)")
-                models.append(_Model(member, path, key, ckpt["network_weights"]))
-        return models
+    def network(self, index: int = 0) -> torch.nn.Module:
+        """Model `index`'s network with its weights, in eval mode (dropout off), ready to run."""
+        return self.models[index].ready()
 
     # --- one case -------------------------------------------------------------------------------------
     def preprocess(self, image_files: list[str]) -> tuple[torch.Tensor, dict]:
@@ -152,8 +117,7 @@ class UncertaintyPredictor:
                    disable=not progress)
         case_seed = zlib.crc32(case.encode())
         for m_index, model in enumerate(self.models):
-            net = self._networks[model.key]
-            net.load_state_dict(model.weights)
+            net = model.ready()
             set_mc_dropout(net, self.mc > 0)
             torch.manual_seed(derive_seed(self.seed, case_seed, m_index))
             mirror_axes = net.mirror_axes if self.mirror else None
@@ -170,23 +134,23 @@ class UncertaintyPredictor:
         return torch.stack([self.label_manager.apply_inference_nonlin(sample) for sample in logits])
 
     def finalize(self, stats: AccumulatedStats, props: dict) -> dict:
-        """Maps in the input geometry and per-class scores."""
-        geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
-        probs = geo.probabilities(stats.mean, self.regions)
-        if self.calibration is not None:  # before thresholding, maps and scores (paper 000 section 2.3)
-            from nnunet_kaz.postprocessing import apply_calibration
+        """Maps in the input geometry and per-class scores.
 
-            probs = apply_calibration(probs, self.calibration)
-        entropy = normalized_entropy(probs, self.regions).astype(np.float32)
+        Every uncertainty output (entropy, mutual information, variance, the scores, their maps) comes from the
+        UNcalibrated samples, as paper 000 (section 2.3) and paper 002 compute them: MI = H(mean) - mean_s H(p_s)
+        on the same (uncalibrated) probabilities. Calibration changes only the output probabilities and so the
+        segmentation; `calibrated_entropy` adds the entropy of the calibrated mean as its own, named map."""
+        geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
+        raw = geo.probabilities(stats.mean, self.regions)
+        entropy = normalized_entropy(raw, self.regions).astype(np.float32)
         sample_entropy = geo.maps(stats.mean_entropy[None])[0]
         mi = np.clip(entropy - sample_entropy, 0.0, None)
         variance = geo.maps(stats.variance)
         u_sample = geo.maps(-stats.mean_plogp)  # paper 004's U(x) per class, nats
         ratio = geo.voxel_volume_ratio
-        labels = self._foreground()
         rows = []
-        for channel, label in labels:
-            p = probs[channel]
+        for channel, label in self._foreground():
+            p = raw[channel]
             h_bits = binary_entropy(p)
             rows.append({"label": label, "mean_entropy": float(h_bits.mean()),
                          "relunet_score": relunet_score(p, h_bits),
@@ -194,8 +158,16 @@ class UncertaintyPredictor:
                          "pairwise_dice": pooled_pairwise_dice(stats.counts[channel], stats.volumes[:, channel]),
                          "labelled_uncertainty": labelled_uncertainty(p, u_sample[channel]),
                          "n_members": len(self.models), "n_samples": stats.n_samples})
-        return {"probabilities": probs, "entropy": entropy, "mutual_information": mi.astype(np.float32),
-                "variance": variance, "scores": rows}
+        result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32),
+                  "variance": variance, "scores": rows}
+        if self.calibration is not None:  # the output probabilities, before thresholding (paper 000 section 2.3)
+            from nnunet_kaz.postprocessing import apply_calibration
+
+            result["probabilities"] = apply_calibration(raw, self.calibration)
+            if self.calibrated_entropy:
+                result["calibrated_entropy"] = normalized_entropy(result["probabilities"],
+                                                                  self.regions).astype(np.float32)
+        return result
 
     def _foreground(self) -> list[tuple[int, str]]:
         """(channel, label name) of every foreground class or region."""
@@ -209,15 +181,17 @@ class UncertaintyPredictor:
     def predict_folder(self, input_dir: Path, output_dir: Path, overwrite: bool = False, num_parts: int = 1,
                        part_id: int = 0) -> pd.DataFrame:
         """Predict every case of `input_dir` (nnU-Net naming CASE_XXXX.ext) into `output_dir`."""
-        cases = list_cases(input_dir, self.dataset_json)
-        if not 0 <= part_id < num_parts:
-            raise KazError(f"--part-id must lie in 0..{num_parts - 1}, got {part_id}")
+        if num_parts < 1 or not 0 <= part_id < num_parts:
+            raise KazError(f"the part id (part_id) must lie in 0..{num_parts - 1} for {num_parts} part(s), got "
+                           f"{part_id}", option="part_id")
+        cases = list_image_cases(input_dir, self.dataset_json)
         mine = sorted(cases)[part_id::num_parts]
         ending = self.dataset_json["file_ending"]
         todo = [c for c in mine if overwrite or not (output_dir / f"{c}{ending}").exists()]
         # every input is checked before anything is written (a truncated image fails here, not mid-run)
+        n_channels = n_input_channels(self.dataset_json)
         for case in tqdm(todo, desc="checking inputs", disable=not self.verbose or len(todo) < 20):
-            check_case_files(cases[case])
+            check_image_case(case, cases[case], n_channels)
         output_dir.mkdir(parents=True, exist_ok=True)
         # temporaries of a killed run (SIGKILL skips atomic_path's clean-up): all of them when this process is
         # the folder's only writer, else those of the cases it redoes
@@ -262,6 +236,7 @@ class UncertaintyPredictor:
         """Names of the files `write_case` writes for a case (in the output folder and in kaz_export/)."""
         ending = self.dataset_json["file_ending"]
         return [f"{case}.npz", f"{case}_uncertainty.npz", f"{case}_entropy{ending}", f"{case}_mi{ending}",
+                f"{case}_calibrated_entropy{ending}",
                 f"{case}_scores.json", f"{case}{ending}", f"{case}.bmp",
                 *(f"{case}_prob_{label}{ending}" for _, label in self._foreground())]
 
@@ -270,12 +245,15 @@ class UncertaintyPredictor:
         case = out_stem.name
         probs = result["probabilities"]
         save_npz(out_stem.with_name(f"{case}.npz"), probabilities=probs)
+        extra = {"calibrated_entropy": result["calibrated_entropy"]} if "calibrated_entropy" in result else {}
         save_npz(out_stem.with_name(f"{case}_uncertainty.npz"), entropy=result["entropy"],
-                 mutual_information=result["mutual_information"], variance=result["variance"])
+                 mutual_information=result["mutual_information"], variance=result["variance"], **extra)
         for channel, label in self._foreground():
             write_map(probs[channel], out_stem.with_name(f"{case}_prob_{label}{ending}"), props)
         write_map(result["entropy"], out_stem.with_name(f"{case}_entropy{ending}"), props)
         write_map(result["mutual_information"], out_stem.with_name(f"{case}_mi{ending}"), props)
+        if "calibrated_entropy" in result:
+            write_map(result["calibrated_entropy"], out_stem.with_name(f"{case}_calibrated_entropy{ending}"), props)
         rows = [{"case": case, **r} for r in result["scores"]]
         with atomic_path(out_stem.with_name(f"{case}_scores.json")) as tmp:
             tmp.write_text(json.dumps(rows, indent=1))
@@ -297,29 +275,10 @@ class UncertaintyPredictor:
         write_json_atomic(self.plans_manager.plans, output_dir / "plans.json")
         write_json_atomic({"members": [{"folder": str(m.folder), "checkpoints": [str(c) for c in m.checkpoints]}
                                        for m in self.members],
-                           "mc": self.mc, "mirror": self.mirror, "tile_step_size": self.step, "seed": self.seed,
-                           "n_models": len(self.models)}, output_dir / "predict_args.json")
-
-
-def list_cases(input_dir: Path, dataset_json: dict) -> dict[str, list[str]]:
-    """{case: [channel files]} with nnU-Net's naming (CASE_0000.ext ...); every missing channel is listed."""
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise KazError(f"input folder {input_dir} does not exist")
-    ending = dataset_json["file_ending"]
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    files = sorted(p.name for p in input_dir.iterdir() if p.name.endswith(ending))
-    cases = sorted({f[: -len(ending) - 5] for f in files if len(f) > len(ending) + 5})
-    if not cases:
-        raise KazError(f"no images named CASE_0000{ending} in {input_dir}")
-    out, missing = {}, []
-    for c in cases:
-        channel_files = [input_dir / f"{c}_{i:04d}{ending}" for i in range(n_channels)]
-        missing += [str(p) for p in channel_files if not p.is_file()]
-        out[c] = [str(p) for p in channel_files]
-    if missing:
-        raise KazError("missing input channel file(s): " + ", ".join(missing))
-    return out
+                           "mc": self.mc, "mc_batch": self.mc_batch, "mirror": self.mirror,
+                           "tile_step_size": self.step, "seed": self.seed, "n_models": len(self.models),
+                           "uncertainty_from": "uncalibrated samples",
+                           "calibrated_entropy": self.calibrated_entropy and self.calibration is not None}, output_dir / "predict_args.json")
 
 
 def collect_scores(output_dir: Path) -> pd.DataFrame:
@@ -331,3 +290,17 @@ def collect_scores(output_dir: Path) -> pd.DataFrame:
     with atomic_path(Path(output_dir) / "scores.csv") as tmp:
         df.to_csv(tmp, index=False)
     return df
+
+
+def load_member(spec: str, device: str | torch.device = "auto", softmax_only: bool = True,
+                tile_step_size: float = 0.5) -> tuple[UncertaintyPredictor, torch.nn.Module]:
+    """One member for the per-network commands (explain, mhex, refine): (a predictor of the member's FIRST
+    checkpoint, for its preprocessing, geometry and sampling; that checkpoint's network, eval mode, on `device`).
+    Loaded by `load_models` with the predictor's checks; `softmax_only` refuses region-trained members."""
+    member = parse_member(spec)
+    member.checkpoints = member.checkpoints[:1]
+    predictor = UncertaintyPredictor([member], device=device, tile_step_size=tile_step_size, verbose=False)
+    if softmax_only and predictor.regions:
+        raise KazError(f"{member.folder.name} was trained on regions (sigmoid outputs); this command needs a "
+                       "label-based (softmax) dataset")
+    return predictor, predictor.network(0)

@@ -1,7 +1,8 @@
 """Sliding-window inference that returns B stochastic samples at once, following nnU-Net's
 (`nnUNetPredictor._internal_predict_sliding_window_return_logits`): the same tiles, the same Gaussian
 weighting (sigma 1/8 of the tile, scaled to 10), the same mirroring (logits averaged over all flips), and the
-same float16 accumulation, so one deterministic sample equals `nnUNetv2_predict`'s logits.
+same float16 accumulation (all of it `nnunet_kaz.inference.tiling`), so one deterministic sample equals
+`nnUNetv2_predict`'s logits.
 
 Written by hand because nnU-Net's loop predicts one sample per pass: here each tile is read once, the part of
 the network in front of the first dropout runs once (`forward_prefix`, when the network offers it, as
@@ -11,16 +12,13 @@ from __future__ import annotations
 
 import itertools
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
-from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils._pytree import tree_map
+
+from nnunet_kaz.inference.tiling import network_placement, stitch_tiles
 
 
 def dropout_modules(network: nn.Module) -> list[nn.Module]:
@@ -35,11 +33,17 @@ def set_mc_dropout(network: nn.Module, active: bool) -> None:
         m.train(active)
 
 
-def tile_slicers(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[tuple]:
-    """nnU-Net's own tiling (shared code, so tiles match `nnUNetv2_predict` exactly)."""
-    shim = SimpleNamespace(configuration_manager=SimpleNamespace(patch_size=list(patch_size)),
-                           tile_step_size=step, verbose=False)
-    return nnUNetPredictor._internal_get_sliding_window_slicers(shim, tuple(image_size))
+def repeat_batch(obj, n: int):
+    """Every tensor in a (nested) tuple / named tuple / list / dict repeated `n` times along its batch axis."""
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(n, *[1] * (obj.ndim - 1))
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple such as XBoundNet's PrefixCache
+        return type(obj)(*(repeat_batch(v, n) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(repeat_batch(v, n) for v in obj)
+    if isinstance(obj, dict):
+        return {k: repeat_batch(v, n) for k, v in obj.items()}
+    return obj
 
 
 def _mirror_combinations(mirror_axes: Sequence[int] | None, ndim: int) -> list[tuple[int, ...]]:
@@ -62,8 +66,7 @@ def predict_tile_samples(network: nn.Module, tile: torch.Tensor, n_samples: int,
         x = torch.flip(tile, axes) if axes else tile
         if split:
             cache = network.forward_prefix(x)
-            out = network.forward_suffix(tree_map(lambda t: t.repeat(n_samples, *[1] * (t.ndim - 1))
-                                                  if isinstance(t, torch.Tensor) else t, cache))
+            out = network.forward_suffix(repeat_batch(cache, n_samples))
         else:
             out = network(x.repeat(n_samples, *[1] * (x.ndim - 1)))
         if isinstance(out, (list, tuple)):  # deep supervision left on: keep the full-resolution output
@@ -76,27 +79,24 @@ def predict_tile_samples(network: nn.Module, tile: torch.Tensor, n_samples: int,
 @torch.inference_mode()
 def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence[int], n_outputs: int,
                     n_samples: int, tile_step_size: float = 0.5, mirror_axes: Sequence[int] | None = None,
-                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Sliding-window logits of `n_samples` samples for a preprocessed image (C_in, *spatial): (B, C, *spatial).
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Sliding-window logits of `n_samples` samples for a preprocessed image (C_in, *spatial): (B, C, *spatial),
+    on `device` (default: the network's).
 
-    Accumulation is float16 on the results device, exactly as nnU-Net, which is what makes a single
-    deterministic sample reproduce `nnUNetv2_predict`.
+    Tiling, padding, Gaussian and float16 accumulation on the results device are nnU-Net's (`stitch_tiles`),
+    which is what makes a single deterministic sample reproduce `nnUNetv2_predict`.
     """
-    data, revert = pad_nd_image(data, list(patch_size), "constant", {"value": 0}, True, None)
-    slicers = tile_slicers(data.shape[1:], patch_size, tile_step_size)
-    logits = torch.zeros((n_samples, n_outputs, *data.shape[1:]), dtype=torch.half, device=device)
-    weights = torch.zeros(data.shape[1:], dtype=torch.half, device=device)
-    gaussian = compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
+    device = torch.device(device) if device is not None else network_placement(network)[0]
     autocast = torch.autocast(device.type) if device.type == "cuda" else nullcontext()
-    with autocast:
-        for sl in slicers:
-            tile = data[sl][None].to(device)
+
+    def tile_logits(tile: torch.Tensor) -> torch.Tensor:
+        with autocast:
             out = predict_tile_samples(network, tile, n_samples, mirror_axes)
-            out *= gaussian
-            logits[(slice(None), *sl)] += out
-            weights[sl[1:]] += gaussian
-    torch.div(logits, weights, out=logits)
+        if out.shape[1] != n_outputs:
+            raise RuntimeError(f"the network gives {out.shape[1]} outputs, {n_outputs} expected")
+        return out
+
+    logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half)
     if torch.isinf(logits).any():
         raise RuntimeError("inf in the accumulated logits (float16 overflow); nnU-Net has the same limit")
-    return logits[(slice(None), slice(None), *revert[1:])]
-
+    return logits
