@@ -141,7 +141,7 @@ class Demo:
             self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(val_preds), *self.fold0_ensemble,
                       "-device", "cpu"])
         if self.step("5. Fit logistic calibration on those validation probabilities", calib):
-            self.run(["nnunet-kaz", "calibrate", "-p", str(val_preds), "-l", str(self.dataset / "labelsTr"),
+            self.run(["nnunet-kaz", "calibrate", "--probs", str(val_preds), "--gt", str(self.dataset / "labelsTr"),
                       "-o", str(calib), "--method", "logistic"])
         chain = self.out / "postprocessing.json"
         if not chain.exists():

@@ -117,6 +117,7 @@ def _splits(args: argparse.Namespace) -> int:
 
 
 def register_converters(sub: argparse._SubParsersAction) -> None:
+    from nnunet_kaz.cli_options import add
     p = sub.add_parser("convert-kaz", help="KAZ BMP slices + masks -> nnU-Net raw 2D dataset with patient-wise splits",
                        description="Pair slices and masks by patient and angle (--pattern), check them all, write "
                                    "$nnUNet_raw/DatasetXXX_Name (PNG, labels 0/1, kaz_meta.json with original "
@@ -125,7 +126,7 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of grayscale slices (.bmp/.png/.tif)")
     p.add_argument("--masks", type=Path, required=True, help="folder of masks, 0/255 or 0/1")
     p.add_argument("--truth", type=Path, help="optional folder of true zones (phantoms), written to truthTr/")
-    p.add_argument("--id", type=int, required=True, help="dataset id, e.g. 501")
+    add(p, "-d", "--id", dest="id", type=int, required=True, help="dataset id, e.g. 501")
     p.add_argument("--name", default="KAZ", help="dataset name (default KAZ): DatasetXXX_NAME, case prefix")
     p.add_argument("--pattern", default=None, help="regex with groups (?P<patient>) and (?P<angle>) matched at the "
                                                    "start of file stems (default: '(?P<patient>.+?)_a(?P<angle>\\d+)')")
@@ -165,7 +166,7 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
                                    "Cases with two or more raters under instances/ also get their per-voxel "
                                    "rater-disagreement map in raterDisagreementTr/ (for evaluate --raters).")
     p.add_argument("--kits", type=Path, required=True, help="folder holding case_XXXXX/ folders")
-    p.add_argument("--id", type=int, required=True, help="dataset id, e.g. 220")
+    add(p, "-d", "--id", dest="id", type=int, required=True, help="dataset id, e.g. 220")
     p.add_argument("--name", default="KiTS23", help="dataset name (default KiTS23)")
     p.add_argument("--regions", action="store_true", help="region-based dataset.json (challenge's nested regions)")
     p.add_argument("--overwrite", action="store_true")

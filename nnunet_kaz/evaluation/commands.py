@@ -11,7 +11,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(labels=args.labels, n_bins=args.n_bins, roi_margin=args.roi_margin,
                                   entropy_scaling=args.entropy_scaling, figure_cases=args.figure_cases,
                                   pred_subset=args.pred_subset, uncertainty_pattern=args.uncertainty_pattern,
-                                  uncertainty_key=args.uncertainty_key)
+                                  uncertainty_key=args.uncertainty_key,
+                                  allow_undeclared_labels=args.allow_undeclared_labels)
     result = evaluate_folder(args.pred, args.gt, args.o, args.probs, settings, args.images, args.uncertainty,
                              args.scores, progress=not args.quiet)
     print(report(result))
@@ -29,6 +30,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nnunet_kaz import cli_options as o
+
     p = sub.add_parser(
         "evaluate", help="overlap/surface metrics, calibration, uncertainty-vs-error of a prediction folder",
         description="Evaluate segmentations {case}{ending} (nnU-Net's or this project's prediction folder) "
@@ -39,13 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "uncertainty threshold analysis (T = 100/75/50/25) and the AUROC of voxel uncertainty for "
                     "voxel errors; with --scores the Spearman correlation of per-image scores with Dice.")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted segmentations")
-    p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth segmentations (e.g. labelsTs)")
-    p.add_argument("--probs", type=Path, help="folder of {case}.npz probabilities (nnU-Net --save_probabilities "
-                                              "or nnunet-kaz predict); often the same as --pred")
+    o.add_gt(p, required=True, help="folder of ground-truth segmentations (e.g. labelsTs)")
+    o.add_probs(p, help="folder of {case}.npz probabilities (nnU-Net --save_probabilities or nnunet-kaz "
+                        "predict); often the same as --pred")
     p.add_argument("--labels", type=int, nargs="+", help="foreground labels to evaluate (default: dataset.json's, "
                                                          "else every label found)")
-    p.add_argument("-o", type=Path, required=True, help="output folder (created; replaced if it holds an "
-                                                        "earlier evaluation)")
+    o.add_output(p, help="output folder (created; replaced if it holds an earlier evaluation)")
     p.add_argument("--n-bins", type=int, default=15, help="calibration bins (default 15)")
     p.add_argument("--roi-margin", type=float, default=5.0,
                    help="roi scope: voxels within this distance (mm; pixels for PNG/BMP) of ground truth or "
@@ -64,7 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", type=Path, help="per-image scores.csv of nnunet-kaz predict: Spearman vs Dice")
     p.add_argument("--pred-subset", action="store_true",
                    help="evaluate only the predicted cases (default: every ground-truth case must be predicted)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-undeclared-labels", action="store_true",
+                   help="a ground-truth label that dataset.json does not declare is a warning naming the label and "
+                        "case, not an error (default: error)")
+    o.add_quiet(p)
     p.set_defaults(func=_evaluate)
 
     c = sub.add_parser(
@@ -75,6 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "uncertainty, scores; optional top-level labels, n_bins, roi_margin, images, figure_cases, "
                     "pred_subset. See nnunet_kaz/evaluation/compare.py.")
     c.add_argument("runs", type=Path, metavar="RUNS.yaml")
-    c.add_argument("-o", type=Path, required=True, help="output folder")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    o.add_output(c)
+    o.add_quiet(c)
     c.set_defaults(func=_compare)

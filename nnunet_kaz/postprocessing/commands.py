@@ -16,7 +16,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.o.exists() and args.o.is_dir():
         raise KazError(f"output {args.o} is a folder; give the calibration file's name (e.g. calib.json)")
     npz_dir = args.o.with_name(args.o.name.split(".")[0] + "_calibrated") if args.npz else None
-    vs = ValidationSet.from_folders(args.p, args.l, args.dataset_json)
+    vs = ValidationSet.from_folders(args.probs, args.gt, args.dataset_json)
     print(f"{len(vs.cases)} validation case(s); classes {', '.join(c['name'] for c in vs.classes)}"
           + (f" (from {vs.dataset_json})" if vs.dataset_json else " (no dataset.json found: named by channel)"))
     cal, ece = fit_on_validation(vs, args.method, args.max_voxels_per_class, args.seed, progress=not args.quiet)
@@ -42,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Voxels are pooled with a seeded class-stratified subsample (at most --max-voxels-per-class "
                     "per class, importance-weighted back to the true class frequencies). Paper 000 section 2.3 "
                     "uses 1-D logistic calibration on p (--method logistic).")
-    p.add_argument("-p", type=Path, required=True, metavar="VAL_PROBS", help="folder of CASE.npz probability files")
-    p.add_argument("-l", type=Path, required=True, metavar="LABELS", help="folder of label images (e.g. labelsTr)")
+    from nnunet_kaz import cli_options as o
+
+    o.add_probs(p, "-p", required=True, help="folder of CASE.npz validation probability files")
+    o.add_gt(p, "-l", required=True, help="folder of label images (e.g. labelsTr)")
     p.add_argument("-o", type=Path, required=True, metavar="CALIB_JSON", help="calibration file to write")
     p.add_argument("--method", default="logistic", choices=["logistic", "platt", "temperature", "isotonic"],
                    help="logistic: paper 000's 1-D logistic regression on p (sklearn liblinear, C=1, as the "
@@ -51,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npz", action="store_true",
                    help="also write the calibrated validation probabilities to <CALIB>_calibrated/CASE.npz")
     p.add_argument("--dataset-json", type=Path, default=None,
-                   help="dataset.json naming the classes (default: found next to VAL_PROBS or LABELS)")
+                   help="dataset.json naming the classes (default: found next to --probs or --gt)")
     p.add_argument("--max-voxels-per-class", type=int, default=200_000,
                    help="voxels kept per true class in the pooled sample (default 200000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the voxel subsample (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_quiet(p)
     p.set_defaults(func=_calibrate)

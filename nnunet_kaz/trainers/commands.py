@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,2 (default 0-4)")
     p.add_argument("--folds", default="0-4", help="folds, e.g. 0-4 (default 0-4)")
-    p.add_argument("-device", default="cuda", help="cuda, cpu or mps (default cuda)")
+    p.add_argument("-device", "--device", default="cuda", help="passed to nnUNetv2_train: cuda, cpu or mps "
+                                                               "(default cuda, nnU-Net's)")
     p.add_argument("--c", action="store_true", help="continue runs from their latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     p.set_defaults(func=_train_ensemble)
