@@ -18,6 +18,7 @@ _EXPORTS = {
     "XBoundNetTrainer": "xboundnet_trainer", "XBoundNetTrainer_Adam": "xboundnet_trainer",
     "build_logdice_ce_loss": "losses",
     "XBoundNetTrainerSGDR": "sgdr_trainer", "nnUNetTrainerSGDR": "sgdr_trainer", "SGDRSnapshotMixin": "sgdr_trainer",
+    "XBoundNetTrainerSGDR_nnUNetLR": "sgdr_trainer", "nnUNetTrainerSGDR_nnUNetLR": "sgdr_trainer",
     "nnUNetTrainerDropout": "dropout_trainer", "nnUNetTrainerDropoutSpatial": "dropout_trainer",
     "SeededTrainerMixin": "seeding",
     "nnUNetTrainerWCE": "weighted_ce", "XBoundNetTrainerWCE": "weighted_ce", "WeightedCEMixin": "weighted_ce",

@@ -23,7 +23,8 @@ DEBUG = dict(num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_ep
 DEMO = dict(num_epochs=10, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
 # SGDR short runs: two cycles each, snapshots from the last epochs of each cycle
 SGDR_DEBUG = dict(num_epochs=6, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
-SGDR_DEBUG_ATTRS = dict(sgdr_cycle_ends=(3, 6), snapshot_window=2, snapshot_top_k=2)
+SGDR_DEBUG_ATTRS = dict(sgdr_cycle_ends=(3, 6), snapshot_window=2, snapshot_top_k=2,
+                        snapshot_drop_margin=None)  # keep both cycles: tests count snapshots per cycle
 SGDR_DEMO = dict(num_epochs=12, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
 SGDR_DEMO_ATTRS = dict(sgdr_cycle_ends=(4, 12), snapshot_window=3, snapshot_top_k=2)
 
