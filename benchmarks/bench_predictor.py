@@ -303,7 +303,7 @@ def xboundnet_marginal(plans_file: Path) -> dict:
                 suffix=min(suffix), best=best, slope=slope,
                 intercept=intercept, pair=(best[N_FIT[-1]] - best[N_FIT[0]]) / (N_FIT[-1] - N_FIT[0]),
                 prefix_stages=net.dropout_stages[0] + 1 if net.dropout_stages else None,
-                n_stages=len(net.encoder.stages))
+                n_stages=len(net.encoder.stages), dropout_at=dict(net.dropout_at))
 
 
 def member_forward(results: Path) -> tuple[float, float]:
@@ -372,6 +372,17 @@ def run() -> str:
     return report(dict(n_cases=n_cases, weights_mib=weights_mib, t_ours=t_ours, t_seq=t_seq,
                        t_stock=t_stock, fw_on=fw_on, fw_off=fw_off, agreement=agreement, mem=mem,
                        peaks=peaks, xb=xb))
+
+
+def dropout_where(xb: dict) -> str:
+    """Where the measured XBoundNet++ has its dropout, from the network itself."""
+    at = xb["dropout_at"]
+    parts = [f"dropout after encoder stages {at['encoder']} of its {xb['n_stages']} (0 = full resolution)"]
+    if at["bridge"]:
+        parts.append("after the bridge")
+    if at["decoder"]:
+        parts.append(f"after decoder levels {at['decoder']} (0 = deepest)")
+    return ", ".join(parts)
 
 
 def report(r: dict) -> str:
@@ -511,9 +522,8 @@ def report(r: dict) -> str:
         "",
         f"XBoundNet++ built from this dataset's planned 2D configuration without the feature cap (patch "
         f"{'x'.join(map(str, xb['patch']))}, features {xb['features']}, {xb['params'] / 1e6:.1f} M parameters; "
-        f"dropout on the two deepest of its {xb['n_stages']} encoder stages and the bridge, so `forward_prefix` "
-        f"runs the first {xb['prefix_stages']} stages once per tile and `forward_suffix` re-runs the rest per "
-        f"sample). `nnunet_kaz.inference.sliding_window.predict_samples` on one tile for N = "
+        f"{dropout_where(xb)}, so `forward_prefix` runs the first {xb['prefix_stages']} encoder stages once per tile "
+        f"and `forward_suffix` re-runs the rest per sample). `nnunet_kaz.inference.sliding_window.predict_samples` on one tile for N = "
         f"{', '.join(map(str, N_FIT))} samples (one batch of N, as the predictor runs a batch of `--mc-batch`): "
         f"{xb_best} s (min of {N_REPEAT} each). Plain forward pass, `forward_prefix` and `forward_suffix` at batch "
         f"1 (dropout on): min of {2 * N_REPEAT} each.",
@@ -529,8 +539,8 @@ def report(r: dict) -> str:
         f"One more sample costs {marginal:.2f} forward passes as `predict_samples` runs it (a batch of N copies of "
         f"the cached prefix features through the suffix); the suffix alone at batch 1 costs "
         f"{xb['suffix'] / xb['forward']:.2f}, what the split could give one sample at a time. The suffix is most "
-        f"of the "
-        f"network because the whole decoder is stochastic: every attention gate and up-convolution up to full "
-        f"resolution depends on the re-sampled bottleneck, and the prefix saves the shallow encoder stages only. "
+        f"of the network because everything after the first dropout is stochastic: every later encoder stage, the "
+        f"bridge and every attention gate and up-convolution up to full resolution depend on the re-sampled masks, "
+        f"and the prefix saves only the encoder stages before the first dropout. "
         f"{batch_note}",
     ])
