@@ -64,14 +64,28 @@ def run() -> str:
         torch.set_num_threads(threads)
 
 
+def xboundnet_defaults(net: XBoundNet) -> str:
+    """XBoundNet++'s defaults as this version defines them (signature and the built network), for the report."""
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(XBoundNet.__init__).parameters.items()
+         if v.default is not inspect.Parameter.empty}
+    at = net.dropout_at
+    where = [f"encoder stages {at['encoder']}"] + (["the bridge"] if at["bridge"] else []) + (
+        [f"decoder levels {at['decoder']} (0 = deepest)"] if at["decoder"] else [])
+    return (f"ASPP dilations {'/'.join(map(str, d['aspp_dilations']))}, SE reduction {d['se_reduction']}, dropout "
+            f"{d['dropout_p']} placed '{d['dropout_placement']}': after {', '.join(where)}")
+
+
 def _run() -> str:
     torch.manual_seed(0)
-    rows = []
+    rows, defaults = [], None
     for name, (dim, features, strides, patch, batch) in CASES.items():
         kw = plans_kwargs(dim, features, strides)
         x = torch.randn(batch, 1, *patch)
         y = torch.randint(0, 2, (batch, *patch))
         nets = {cls.__name__: cls(**kw) for cls in (PlainConvUNet, XBoundNet)}
+        defaults = defaults or xboundnet_defaults(nets["XBoundNet"])  # the 2D case (stage counts differ in 3D)
         seconds = median_step_seconds(nets, x, y)
         (p0, p1), (t0, t1) = [sum(p.numel() for p in n.parameters()) for n in nets.values()], seconds.values()
         f0, f1 = [int(n.compute_conv_feature_map_size(patch)) for n in nets.values()]
@@ -82,8 +96,7 @@ def _run() -> str:
         "## XBoundNet++ vs PlainConvUNet (bench_network)",
         "",
         "Same nnU-Net plans kwargs (instance norm, LeakyReLU, stride-2 stages, deep supervision on) for both; "
-        "XBoundNet++ with its defaults (ASPP 1/6/12/18, SE reduction 16, dropout 0.2 on the two deepest stages "
-        f"and the bridge). Training step = forward + deep-supervised CE + backward + SGD, median of {N_TIMED} "
+        f"XBoundNet++ with its defaults ({defaults}, in the 2D case). Training step = forward + deep-supervised CE + backward + SGD, median of {N_TIMED} "
         "after a warm-up, the two networks' steps alternating, CPU float32, one thread. Feature-map ratio = "
         "`compute_conv_feature_map_size` (what nnU-Net's planner uses to fit patch and batch size to VRAM).",
         "",
