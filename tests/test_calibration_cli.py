@@ -52,14 +52,15 @@ def nnunet_validation_folder(root, n_classes, shape, ending, n_cases=3, seed=0):
 def test_calibrate_2d_png_writes_json_and_calibrated_npz(tmp_path, capsys):
     val, lab = nnunet_validation_folder(tmp_path, 2, (32, 40), ".png")
     out = tmp_path / "out" / "calib.json"
-    assert main(["calibrate", "-p", str(val), "-l", str(lab), "-o", str(out), "--npz", "--quiet"]) == 0
+    assert main(["calibrate", "--probs", str(val), "--gt", str(lab), "-o", str(out), "--npz", "--quiet",
+                 "--method", "platt"]) == 0
     text = capsys.readouterr().out
     assert "3 validation case(s)" in text and "background, kaz" in text and "ECE" in text
     d = json.loads(out.read_text())
-    assert d["method"] == "logistic" and [c["name"] for c in d["classes"]] == ["background", "kaz"]
+    assert d["method"] == "platt" and [c["name"] for c in d["classes"]] == ["background", "kaz"]
     assert d["fit_set"]["cases"] == ["CASE_000", "CASE_001", "CASE_002"]
     assert sum(d["fit_set"]["n_voxels_per_class"]) == 3 * 32 * 40
-    assert d["parameters"]["slopes"][1] == pytest.approx(1 / 3, rel=0.3)
+    assert d["parameters"]["slopes"][1] == pytest.approx(1 / 3, rel=0.3)  # Platt on logit p undoes k = 3
     cal = load_calibrator(out, labels={"background": 0, "kaz": 1})
     written = sorted(p.name for p in (tmp_path / "out" / "calib_calibrated").iterdir())
     assert written == ["CASE_000.npz", "CASE_001.npz", "CASE_002.npz"]
@@ -70,7 +71,7 @@ def test_calibrate_2d_png_writes_json_and_calibrated_npz(tmp_path, capsys):
 def test_calibrate_3d_nifti_temperature(tmp_path):
     val, lab = nnunet_validation_folder(tmp_path, 3, (6, 20, 24), ".nii.gz", n_cases=2)
     out = tmp_path / "calib.json"
-    assert main(["calibrate", "-p", str(val), "-l", str(lab), "-o", str(out), "--method", "temperature",
+    assert main(["calibrate", "--probs", str(val), "--gt", str(lab), "-o", str(out), "--method", "temperature",
                  "--max-voxels-per-class", "500", "--seed", "3", "--quiet"]) == 0
     d = json.loads(out.read_text())
     assert d["method"] == "temperature" and d["parameters"]["temperature"] > 1.5
@@ -84,8 +85,11 @@ def test_calibrate_lists_every_missing_case_and_shape_mismatch_and_writes_nothin
     out = tmp_path / "out" / "calib.json"
     assert main(["calibrate", "-p", str(val), "-l", str(lab), "-o", str(out), "--npz"]) == 2
     err = capsys.readouterr().err
+    # the old spellings -p / -l still work for this release, with one warning each
+    assert "warning: -p is the old spelling of --probs" in err and "warning: -l is the old spelling of --gt" in err
     assert "2 problem(s)" in err and "CASE_000: no label file" in err
-    assert "CASE_002" in err and "(1, 16, 16)" in err and "(1, 16, 17)" in err
+    # shapes in the one axis convention of nnunet_kaz.cases: singleton axes dropped from the label (16, 17)
+    assert "CASE_002" in err and "(1, 16, 16)" in err and "(16, 17)" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -108,7 +112,7 @@ def test_calibrate_bad_values_name_the_file_and_write_nothing(tmp_path, capsys, 
         (val.parent.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}}))
         expected = "lists 3 classes but the probabilities"
     out = tmp_path / "calib.json"
-    assert main(["calibrate", "-p", str(val), "-l", str(lab), "-o", str(out), "--npz", "--quiet"]) == 2
+    assert main(["calibrate", "--probs", str(val), "--gt", str(lab), "-o", str(out), "--npz", "--quiet"]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "calib_calibrated").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".calib")]

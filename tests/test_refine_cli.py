@@ -21,10 +21,18 @@ def fitted(tiny_kaz, tmp_path_factory):
     """A refiner fitted on the phantom's training cases (largest-component ROI, so the ROI is a proper box)."""
     member = tiny_kaz.train(MEMBER)
     out = tmp_path_factory.mktemp("refine") / "refiner.json"
-    run(["nnunet-kaz", "refine", "fit", "-m", f"{member}:0", "-i", str(tiny_kaz.raw / "imagesTr"), "-l",
+    run(["nnunet-kaz", "refine", "fit", "-m", f"{member}:0", "-i", str(tiny_kaz.raw / "imagesTr"), "--gt",
          str(tiny_kaz.raw / "labelsTr"), "-o", str(out), "--margin", "2", "--roi", "largest", "--iterations",
          "300"], tiny_kaz.env)
     return member, out
+
+
+def _last_stage(member) -> str:
+    """The last decoder stage of the member's network, as the network names it (the planned depth decides)."""
+    from nnunet_kaz.inference import load_member
+
+    _, net = load_member(f"{member}:0", "cpu")
+    return f"decoder.stages.{len(net.decoder.stages) - 1}"
 
 
 def test_fit_writes_refiner_with_feature_layout(fitted):
@@ -32,7 +40,7 @@ def test_fit_writes_refiner_with_feature_layout(fitted):
     d = json.loads(path.read_text())
     assert d["format"] == "nnunet_kaz.heatmap_refiner" and np.shape(d["W"]) == (5, 2)
     f = d["features"]
-    assert f["layout"] == ["probability", "heatmap_weight"] and f["block"] == "decoder.stages.2"  # last stage
+    assert f["layout"] == ["probability", "heatmap_weight"] and f["block"] == _last_stage(member)
     assert f["margin"] == 2 and f["roi"] == "largest" and f["target_class"] == 1
     assert d["fit"]["n_voxels"] == sum(c["roi_voxels"] for c in d["fit"]["cases"]) > 0
     assert d["fit"]["final_loss"] < d["fit"]["initial_loss"]
@@ -96,7 +104,7 @@ def test_apply_rejects_missing_and_foreign_refiners_without_writing(tiny_kaz, fi
     other_net.write_text(json.dumps(d))
     assert main([*base, str(other_net)]) == 2
     err = capsys.readouterr().err
-    assert "decoder.stages.9" in err and "decoder.stages.2" in err  # names the valid blocks
+    assert "decoder.stages.9" in err and _last_stage(member) in err  # names the valid blocks
     d = json.loads(refiner.read_text())
     del d["features"]
     bare = tmp_path / "bare.json"
@@ -126,6 +134,7 @@ def test_fit_rejects_missing_labels_without_writing(tiny_kaz, tmp_path, capsys):
     assert main(["refine", "fit", "-m", f"{member}:0", "-i", str(tiny_kaz.raw / "imagesTr"), "-l", str(labels),
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err
+    assert "warning: -l is the old spelling of --gt" in err  # still accepted in this release
     assert "missing label file" in err and "KAZ_P001_a060.png" in err
     assert not out.exists()
 
