@@ -82,6 +82,7 @@ def test_accumulator_end_to_end(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     fm.write_into(out)
-    assert sorted(p.name for p in out.iterdir()) == ["failure_detection.csv", "kits23.csv", "rater_agreement.csv",
-                                                    "risk_coverage_label1.png", "risk_coverage_label2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["failure_detection.csv", "kits23.csv", "kits23_summary.csv",
+                                                    "rater_agreement.csv", "risk_coverage_label1.png",
+                                                    "risk_coverage_label2.png"]
     assert any("KiTS23 aggregate" in line for line in fm.report_lines())

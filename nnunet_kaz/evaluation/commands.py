@@ -12,9 +12,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   entropy_scaling=args.entropy_scaling, figure_cases=args.figure_cases,
                                   pred_subset=args.pred_subset, uncertainty_pattern=args.uncertainty_pattern,
                                   uncertainty_key=args.uncertainty_key,
-                                  allow_undeclared_labels=args.allow_undeclared_labels)
+                                  allow_undeclared_labels=args.allow_undeclared_labels,
+                                  kits23=args.kits23, nsd_tolerance=args.nsd_tolerance)
     result = evaluate_folder(args.pred, args.gt, args.o, args.probs, settings, args.images, args.uncertainty,
-                             args.scores, progress=not args.quiet)
+                             args.scores, progress=not args.quiet, raters_dir=args.raters)
     print(report(result))
     print(f"wrote {args.o}")
     return 0
@@ -40,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and summary.csv; with --probs ({case}.npz, key 'probabilities') also calibration.csv "
                     "(ECE, adaptive ECE, MCE, Brier; scopes all and roi), reliability diagrams, the "
                     "uncertainty threshold analysis (T = 100/75/50/25) and the AUROC of voxel uncertainty for "
-                    "voxel errors; with --scores the Spearman correlation of per-image scores with Dice.")
+                    "voxel errors; with --scores the Spearman correlation of per-image scores with Dice. "
+                    "For KiTS23 datasets kits23.csv (region Dice and Surface Dice); failure_detection.csv (AURC, "
+                    "E-AURC, AUGRC of every score and uncertainty aggregation); --nsd-tolerance adds nsd to "
+                    "metrics.csv; --raters adds rater_agreement.csv (NCC, ROI AUROC).")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted segmentations")
     o.add_gt(p, required=True, help="folder of ground-truth segmentations (e.g. labelsTs)")
     o.add_probs(p, help="folder of {case}.npz probabilities (nnU-Net --save_probabilities or nnunet-kaz "
@@ -69,6 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-undeclared-labels", action="store_true",
                    help="a ground-truth label that dataset.json does not declare is a warning naming the label and "
                         "case, not an error (default: error)")
+    p.add_argument("--kits23", action=argparse.BooleanOptionalAction, default=None,
+                   help="KiTS23 regions kidney_and_mass / mass / tumor: Dice and Surface Dice at the challenge's "
+                        "tolerances in kits23.csv (default: on when dataset.json has KiTS23's labels or regions)")
+    p.add_argument("--nsd-tolerance", nargs="+", metavar="[LABEL:]MM",
+                   help="normalised surface Dice at this tolerance (mm; pixels for PNG/BMP) as column nsd of "
+                        "metrics.csv; LABEL:MM for one label, e.g. --nsd-tolerance 2 1:1.5")
+    p.add_argument("--raters", type=Path, metavar="DIR",
+                   help="folder of per-case rater-disagreement maps {case}{ending} (convert-kits23's "
+                        "raterDisagreementTr/): NCC and ROI AUROC of the uncertainty against them")
     o.add_quiet(p)
     p.set_defaults(func=_evaluate)
 

@@ -19,7 +19,10 @@ RUNS.yaml (relative paths are relative to the YAML file):
 Every run is checked before any is computed. OUT receives comparison.csv and comparison.md (one row per
 method: Dice and HD95 mean and std over cases and labels, ECE of scope all and roi, ACE and Brier of scope
 roi and all, the uncertainty AUROC for voxel errors of both scopes, and each score's Spearman rho against
-Dice), reliability_overlay_{scope}.png (every method's reliability curve on one diagram) and runs/NAME/ with
+Dice, and the failure-detection AURC / E-AURC of the first of `FAILURE_SOURCES` a run has: the mean voxel uncertainty, or else
+`mean_entropy` of scores.csv, averaged over labels), reliability_overlay_{scope}.png (every method's
+reliability curve on one diagram), risk_coverage_overlay.png (every method's risk-coverage curve of that
+source for the first label) and runs/NAME/ with
 each run's full `evaluate` outputs. The calibration figures are those of the positive class for binary
 problems and of the top label for multi-class ones.
 """
@@ -43,9 +46,11 @@ from nnunet_kaz.evaluation.evaluate import (
     run,
     write_into,
 )
+from nnunet_kaz.evaluation.failure_detection import risk_coverage_figure
 from nnunet_kaz.io_utils import atomic_dir
 
 MARKER = "comparison.json"
+FAILURE_SOURCES = ("unc_mean", "mean_entropy")  # the first one a run has feeds the AURC columns
 RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "scores"}
 TOP_KEYS = {"gt", "images", "labels", "n_bins", "roi_margin", "figure_cases", "pred_subset", "entropy_scaling",
             "runs"}
@@ -147,6 +152,10 @@ def table_row(name: str, result: EvaluationResult) -> dict:
     for scope in ("all", "roi"):
         a = result.auroc.get(scope)
         row[f"auroc_{scope}"] = a.auroc() if a else np.nan
+    fd, src = _failure_rows(result)
+    row["aurc"] = float(fd["aurc"].mean()) if src else np.nan
+    row["e_aurc"] = float(fd["e_aurc"].mean()) if src else np.nan
+    row["aurc_source"] = src or ""
     if result.correlations is not None:
         c = result.correlations
         pooled = c[c["label"] == ("all" if (c["label"] == "all").any() else c["label"].iloc[0])]
@@ -154,6 +163,15 @@ def table_row(name: str, result: EvaluationResult) -> dict:
             row[f"rho_{r.score}"] = r.spearman_rho
             row[f"p_{r.score}"] = r.p_value
     return row
+
+
+def _failure_rows(result: EvaluationResult) -> tuple[pd.DataFrame | None, str | None]:
+    """failure_detection.csv rows of the first source of FAILURE_SOURCES the run has, and that source."""
+    fd = result.field.failure if result.field is not None else None
+    if fd is None or not len(fd):
+        return None, None
+    src = next((s for s in FAILURE_SOURCES if (fd["source"] == s).any()), None)
+    return (fd[fd["source"] == src], src) if src else (None, None)
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -164,7 +182,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     """comparison.md: mean ± std for Dice and HD95, the other figures as plain numbers."""
     rho_cols = [c for c in table.columns if c.startswith("rho_")]
     head = ["method", "cases", "Dice", "HD95", "ECE all", "ECE roi", "ACE roi", "Brier all", "Brier roi",
-            "AUROC all", "AUROC roi"] + [f"rho {c[4:]}" for c in rho_cols]
+            "AUROC all", "AUROC roi", "AURC", "E-AURC"] + [f"rho {c[4:]}" for c in rho_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         hd95 = f"{_fmt(r['hd95_mean'], 2)} ± {_fmt(r['hd95_std'], 2)}"
@@ -172,7 +190,8 @@ def markdown_table(table: pd.DataFrame) -> str:
             hd95 += f" ({r['hd95_nan']} NaN)"
         cells = [str(r["method"]), str(r["n_cases"]), f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])}", hd95,
                  _fmt(r["ece_all"]), _fmt(r["ece_roi"]), _fmt(r["ace_roi"]), _fmt(r["brier_all"]),
-                 _fmt(r["brier_roi"]), _fmt(r["auroc_all"]), _fmt(r["auroc_roi"])]
+                 _fmt(r["brier_roi"]), _fmt(r["auroc_all"]), _fmt(r["auroc_roi"]), _fmt(r.get("aurc")),
+                 _fmt(r.get("e_aurc"))]
         for c in rho_cols:
             p = r.get("p_" + c[4:])
             cells.append(_fmt(r.get(c), 3) + ("" if p is None or not np.isfinite(p) else f" (p={p:.2g})"))
@@ -180,7 +199,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     notes = ["", "Dice and HD95: mean ± std over cases (and labels); HD95 in the images' spacing unit; NaN "
              "distances (exactly one empty mask) are left out and counted. ECE / ACE: 15 equal-width / "
              "equal-mass bins unless set; `roi`: voxels near ground truth or prediction. AUROC: voxel uncertainty "
-             "as a detector of voxel errors. rho: Spearman correlation of the per-image score with Dice."]
+             "as a detector of voxel errors. AURC / E-AURC: failure detection with risk 1 - Dice per case and "
+             "confidence minus the mean voxel uncertainty (or mean_entropy), mean over labels, lower is better "
+             "(failure_detection.csv of each run has every source and AUGRC). rho: Spearman correlation of the "
+             "per-image score with Dice."]
     return "\n".join(lines + notes) + "\n"
 
 
@@ -216,6 +238,15 @@ def compare_runs(yaml_file: Path, out_dir: Path, progress: bool = True) -> pd.Da
             if hists:
                 reliability_diagram(hists, tmp / f"reliability_overlay_{scope}.png",
                                     title=f"reliability, scope {scope}")
+        curves = {}
+        for name, res in results:
+            fd, src = _failure_rows(res)
+            if src:
+                lab = min(res.field.curves)
+                curves[f"{name} ({src})"] = res.field.curves[lab][src]
+        if curves:
+            risk_coverage_figure(tmp / "risk_coverage_overlay.png", curves,
+                                 title=f"risk-coverage, label {lab} (risk 1 - Dice)")
         for name, res in results:
             slug = run_slug(name)
             while slug in slugs.values():

@@ -14,6 +14,9 @@ Outputs (definitions in the docstrings of the modules named):
   uncertainty_thresholds_summary.csv (pooled over cases), uncertainty_auroc.csv and, with --figure-cases,
   figures/uncertainty_{case}_label{l}.png (uncertainty_validation.py);
 - with --scores: score_correlations.csv and score_scatter.png (score_correlation.py);
+- issue 16 (field_report.py): with nsd_tolerance the column nsd of metrics.csv; for KiTS23 datasets (or
+  kits23=True) kits23.csv and kits23_summary.csv; with scores or uncertainty failure_detection.csv and
+  risk_coverage_label{L}.png; with a raters folder rater_agreement.csv; their summaries in evaluation.json;
 - evaluation.json: the settings, the cases and the NaN counts.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pandas as pd
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.evaluation.calibration import CalibrationSet, roi_mask
 from nnunet_kaz.cases import (
+    SEGMENTATION_ENDINGS,
     CasePair,
     check_declared_labels,
     dataset_labels,
@@ -40,8 +44,11 @@ from nnunet_kaz.cases import (
     match_cases,
     read_array,
     read_dataset_json,
+    read_header,
     read_segmentation,
 )
+from nnunet_kaz.evaluation.field_report import FieldMetrics, check_rater_folder, parse_nsd_tolerances
+from nnunet_kaz.evaluation.kits23_metrics import is_kits23_labels
 from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, ConfusionCounts
 from nnunet_kaz.evaluation.score_correlation import read_scores, score_correlations, score_scatter
 from nnunet_kaz.evaluation.surface import SURFACE_METRICS, surface_metrics
@@ -72,6 +79,8 @@ class EvaluationSettings:
     uncertainty_pattern: str = "{case}_uncertainty.npz"
     uncertainty_key: str = "entropy"
     allow_undeclared_labels: bool = False    # ground-truth labels dataset.json lacks: warn instead of error
+    kits23: bool | None = None               # KiTS23 regions: None = when dataset.json has KiTS23's labels
+    nsd_tolerance: list[str] | None = None   # NSD tolerances in mm: "T" and/or "LABEL:T" (parse_nsd_tolerances)
 
     def check(self) -> None:
         if self.n_bins < 1:
@@ -89,6 +98,7 @@ class EvaluationSettings:
             raise KazError(f"labels must be foreground label values (> 0), got {self.labels}", option="labels")
         if "{case}" not in self.uncertainty_pattern:
             raise KazError(f"the uncertainty pattern must contain {{case}}, got {self.uncertainty_pattern!r}")
+        parse_nsd_tolerances(self.nsd_tolerance)
 
 
 @dataclass
@@ -100,6 +110,8 @@ class EvaluationPlan:
     label_names: dict[str, int] = field(default_factory=dict)
     scores: pd.DataFrame | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    kits23: bool = False
+    raters: dict[str, Path] | None = None
 
 
 @dataclass
@@ -116,6 +128,7 @@ class EvaluationResult:
     scores: pd.DataFrame | None = None
     figures: list[dict] = field(default_factory=list)
     uncertainty_source: str | None = None
+    field: FieldMetrics | None = None
 
     def auroc_table(self) -> pd.DataFrame:
         return pd.DataFrame([{"scope": s, "auroc": a.auroc(), "n_voxels": a.n_voxels, "n_error_voxels": a.n_errors,
@@ -123,12 +136,13 @@ class EvaluationResult:
                             columns=["scope", "auroc", "n_voxels", "n_error_voxels", "uncertainty"])
 
     def nan_counts(self) -> dict[str, int]:
-        return {c: int(self.metrics[c].isna().sum()) for c in METRIC_COLUMNS if self.metrics[c].isna().any()}
+        cols = [c for c in self.metrics.columns if c not in ("case", "label")]
+        return {c: int(self.metrics[c].isna().sum()) for c in cols if self.metrics[c].isna().any()}
 
 
 def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, settings: EvaluationSettings | None = None,
             images_dir: Path | None = None, uncertainty_dir: Path | None = None,
-            scores_csv: Path | None = None) -> EvaluationPlan:
+            scores_csv: Path | None = None, raters_dir: Path | None = None) -> EvaluationPlan:
     """Check every input before anything is computed or written; KazError lists what is wrong."""
     settings = settings or EvaluationSettings()
     settings.check()
@@ -142,16 +156,33 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
     label_names: dict[str, int] = {}
     labels = None if settings.labels is None else sorted(set(settings.labels))
     known = None
-    if dj is not None:
+    kits = dj is not None and is_kits23_labels(dj.get("labels", {}))
+    if settings.kits23 and not kits:
+        raise KazError(f"a KiTS23 evaluation needs a dataset with KiTS23's labels (kidney 1, tumor 2, cyst 3, or "
+                       f"their regions); {dj_path or f'no dataset.json next to {pred_dir} or {gt_dir}'} "
+                       f"{'has labels ' + json.dumps(dj.get('labels')) if dj is not None else ''}".rstrip(),
+                       option="kits23")
+    if kits and any(isinstance(v, (list, tuple)) for v in dj["labels"].values()):
+        # region-based KiTS23 (nnU-Net's Dataset220): predictions and labels are label maps 0-3
+        known, label_names = [1, 2, 3], {"kidney": 1, "tumor": 2, "cyst": 3}
+    elif dj is not None:
         known = dataset_labels(dj, str(dj_path))
         label_names = {k: int(v) for k, v in dj.get("labels", {}).items() if isinstance(v, int)}
+    if known is not None:
         if labels is None:
             labels = known
         else:
             unknown = [v for v in labels if v not in known]
             if unknown:
                 raise KazError(f"label(s) {unknown} are not in the dataset's labels {known} (dataset.json)")
-    plan = EvaluationPlan(pairs, settings, labels, declared=known, label_names=label_names)
+    plan = EvaluationPlan(pairs, settings, labels, declared=known, label_names=label_names,
+                          kits23=kits if settings.kits23 is None else bool(settings.kits23))
+    if raters_dir is not None:
+        if probs_dir is None and uncertainty_dir is None:
+            raise KazError("rater agreement compares an uncertainty map with the raters: give probabilities or "
+                           "uncertainty maps too", option="raters")
+        plan.raters = check_rater_folder(Path(raters_dir), {p.case: p.header.shape for p in pairs},
+                                         SEGMENTATION_ENDINGS, lambda f: read_header(f).squeezed.shape)
     if scores_csv is not None:
         plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
         unknown = sorted(set(plan.scores["case"]) - {p.case for p in pairs})
@@ -160,7 +191,8 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
     plan.sources = {"pred": str(pred_dir), "gt": str(gt_dir), "probs": str(probs_dir) if probs_dir else "",
                     "images": str(images_dir) if images_dir else "",
                     "uncertainty": str(uncertainty_dir) if uncertainty_dir else "",
-                    "scores": str(scores_csv) if scores_csv else ""}
+                    "scores": str(scores_csv) if scores_csv else "",
+                    "raters": str(raters_dir) if raters_dir else ""}
     return plan
 
 
@@ -224,6 +256,8 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
     figures: list[dict] = []
     seen: set[int] = set()
     n_classes = None
+    fm = FieldMetrics(plan.kits23, parse_nsd_tolerances(s.nsd_tolerance), plan.raters, s.roi_margin,
+                      lambda f: read_array(f)[0])
     for i, pair in enumerate(tqdm(plan.pairs, desc="evaluate", unit="case", disable=not progress)):
         gt, spacing = read_segmentation(pair.gt)
         pred, _ = read_segmentation(pair.pred)
@@ -235,8 +269,9 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         present = gt_labels | labels_present(pred)
         seen |= present
         labels = plan.labels if plan.labels is not None else sorted(present)
-        rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present)}
-                 for lab in labels]
+        nsd = fm.add_segmentation(pair.case, pred, gt, spacing, labels)
+        rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present),
+                  **({"nsd": nsd[lab]} if lab in nsd else {})} for lab in labels]
         if not use_unc:
             continue
         probs = None
@@ -259,6 +294,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             u = normalized_entropy(np.asarray(probs, dtype=np.float32))
         else:
             continue
+        fm.add_uncertainty(pair.case, pred, gt, spacing, labels, u)
         error = pred != gt
         auroc["all"].add(u, error)
         auroc["roi"].add(u[roi], error[roi])
@@ -278,7 +314,8 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         raise KazError("no foreground label in any ground truth or prediction; name the labels to evaluate (labels)",
                        option="labels")
     metrics = _complete(pd.DataFrame(rows), [p.case for p in plan.pairs], labels)
-    result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures)
+    result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures,
+                              field=fm)
     if threshold_rows:
         result.thresholds = pd.DataFrame(threshold_rows)
         result.threshold_summary = summarize_thresholds(result.thresholds)
@@ -288,18 +325,21 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
     if plan.scores is not None:  # scores of labels not evaluated (--labels) have no Dice to correlate with
         result.scores = plan.scores[plan.scores["label"].isin(labels)]
         result.correlations = score_correlations(result.scores, metrics)
+    fm.finish(metrics, result.scores)
     return result
 
 
 def _complete(metrics: pd.DataFrame, cases: list[str], labels: list[int]) -> pd.DataFrame:
     """One row per case and label in `labels`: rows of labels a case lacks entirely are the empty-mask row."""
     have = {(r.case, r.label) for r in metrics.itertuples()} if len(metrics) else set()
-    extra = [{"case": c, "label": lab, **_empty_row()} for c in cases for lab in labels if (c, lab) not in have]
+    nsd = {"nsd": 1.0} if "nsd" in metrics.columns else {}  # both masks empty: NSD 1 (surface_dice)
+    extra = [{"case": c, "label": lab, **_empty_row(), **nsd} for c in cases for lab in labels
+             if (c, lab) not in have]
     df = pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True) if extra else metrics
     df = df[df["label"].isin(labels)]
     order = {c: i for i, c in enumerate(cases)}
     df = df.sort_values(["case", "label"], key=lambda col: col.map(order) if col.name == "case" else col)
-    return df[["case", "label", *METRIC_COLUMNS]].reset_index(drop=True)
+    return df[["case", "label", *METRIC_COLUMNS, *(["nsd"] if nsd else [])]].reset_index(drop=True)
 
 
 def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -309,13 +349,14 @@ def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
     if len(groups) > 1:
         groups.append(("all", metrics))
     rows = []
+    columns = [*METRIC_COLUMNS, *(["nsd"] if "nsd" in metrics.columns else [])]
     for label, g in groups:
-        vals = g[list(METRIC_COLUMNS)].astype(float)
+        vals = g[columns].astype(float)
         stats = {"mean": vals.mean(), "std": vals.std(ddof=1), "median": vals.median(),
                  "n": vals.notna().sum(), "n_nan": vals.isna().sum()}
         for name, series in stats.items():
             rows.append({"label": label, "statistic": name, **series.to_dict()})
-    return pd.DataFrame(rows, columns=["label", "statistic", *METRIC_COLUMNS])
+    return pd.DataFrame(rows, columns=["label", "statistic", *columns])
 
 
 def summarize_thresholds(per_case: pd.DataFrame) -> pd.DataFrame:
@@ -375,9 +416,11 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
     if result.correlations is not None:
         result.correlations.to_csv(folder / "score_correlations.csv", index=False)
         score_scatter(result.scores, result.metrics, folder / "score_scatter.png")
+    if result.field is not None:
+        result.field.write_into(folder)
     info = {"settings": asdict(result.plan.settings), "inputs": result.plan.sources, "labels": result.labels,
             "cases": [p.case for p in result.plan.pairs], "nan_counts": result.nan_counts(),
-            "uncertainty": result.uncertainty_source}
+            "uncertainty": result.uncertainty_source, **(result.field.summary() if result.field else {})}
     (folder / MARKER).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
 
 
@@ -400,10 +443,10 @@ def write(result: EvaluationResult, out_dir: Path) -> None:
 def evaluate_folder(pred_dir: Path, gt_dir: Path, out_dir: Path, probs_dir: Path | None = None,
                     settings: EvaluationSettings | None = None, images_dir: Path | None = None,
                     uncertainty_dir: Path | None = None, scores_csv: Path | None = None,
-                    progress: bool = True) -> EvaluationResult:
+                    progress: bool = True, raters_dir: Path | None = None) -> EvaluationResult:
     """prepare + run + write (see the module docstring)."""
-    check_output_dir(out_dir, MARKER, [pred_dir, gt_dir, probs_dir, images_dir, uncertainty_dir])
-    plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv)
+    check_output_dir(out_dir, MARKER, [pred_dir, gt_dir, probs_dir, images_dir, uncertainty_dir, raters_dir])
+    plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv, raters_dir)
     result = run(plan, progress)
     write(result, out_dir)
     return result
@@ -425,6 +468,8 @@ def report(result: EvaluationResult) -> str:
             lines.append(f"calibration {scope} ({cls}): ECE {ece:.4f}, ACE {ace:.4f}, Brier {brier:.4f}")
     for scope, a in result.auroc.items():
         lines.append(f"uncertainty AUROC for voxel errors ({scope}): {a.auroc():.4f}")
+    if result.field is not None:
+        lines += result.field.report_lines()
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """What `nnunet-kaz evaluate` adds for the field's reports (issue 16), fed one case at a time.
 
-- KiTS23 (`kits23_metrics`): kits23.csv (case, region, dice, surface_dice), the per-region means and the
-  challenge aggregate (mean Dice, mean Surface Dice over cases and regions).
+- KiTS23 (`kits23_metrics`): kits23.csv (case, region, dice, surface_dice); kits23_summary.csv with the
+  per-region means and the challenge aggregate (mean Dice, mean Surface Dice over cases and regions).
 - NSD at a tolerance in mm per label (`surface_dice.normalized_surface_dice`): the `nsd` column of metrics.csv.
 - Failure detection (`failure_detection`): failure_detection.csv (label, source, aurc, e_aurc, augrc, n_cases)
   over every per-image score of scores.csv and the four aggregations of the voxel uncertainty map
@@ -104,6 +104,14 @@ class FieldMetrics:
     def add_case(self, case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                  labels: Sequence[int], uncertainty: np.ndarray | None = None) -> dict[int, float]:
         """Add one case; returns {label: nsd} for the labels with a tolerance (the nsd column)."""
+        nsd = self.add_segmentation(case, pred, gt, spacing, labels)
+        if uncertainty is not None:
+            self.add_uncertainty(case, pred, gt, spacing, labels, uncertainty)
+        return nsd
+
+    def add_segmentation(self, case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                         labels: Sequence[int]) -> dict[int, float]:
+        """The KiTS23 rows of a case; returns {label: nsd} for the labels with a tolerance."""
         if self.kits23:
             self.kits_rows += [{"case": case, **r} for r in kits23_case_metrics(pred, gt, spacing)]
         nsd = {}
@@ -111,23 +119,26 @@ class FieldMetrics:
             tol = self.nsd_tolerance(lab)
             if tol is not None:
                 nsd[lab] = normalized_surface_dice(pred == lab, gt == lab, spacing, tol)
-        if uncertainty is not None:
-            shared = aggregate_uncertainty(uncertainty)
-            for lab in labels:
-                fg = pred == lab
-                self.aggregation_rows.append({
-                    "case": case, "label": lab, "unc_mean": shared["mean"], "unc_sum": shared["sum"],
-                    "unc_foreground_mean": float(uncertainty[fg].mean()) if fg.any() else 0.0,
-                    "unc_patch_max": shared["patch_max"]})
-            if self.raters is not None:
-                d = self.read_map(self.raters[case]).astype(np.float32)
-                case_roc = ErrorAuroc()
-                a = roi_auroc(uncertainty, d, gt, pred, spacing, self.roi_margin, accumulator=case_roc)
-                self.pooled_roi.merge(case_roc)
-                self.rater_rows.append({"case": case, "ncc": ncc(uncertainty, d), "roi_auroc": a,
-                                        "n_roi_voxels": case_roc.n_voxels,
-                                        "n_disagreement_voxels": case_roc.n_errors})
         return nsd
+
+    def add_uncertainty(self, case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                        labels: Sequence[int], uncertainty: np.ndarray) -> None:
+        """The uncertainty aggregations of a case and, with raters, its NCC and ROI AUROC."""
+        shared = aggregate_uncertainty(uncertainty)
+        for lab in labels:
+            fg = pred == lab
+            self.aggregation_rows.append({
+                "case": case, "label": lab, "unc_mean": shared["mean"], "unc_sum": shared["sum"],
+                "unc_foreground_mean": float(uncertainty[fg].mean()) if fg.any() else 0.0,
+                "unc_patch_max": shared["patch_max"]})
+        if self.raters is not None:
+            d = self.read_map(self.raters[case]).astype(np.float32)
+            case_roc = ErrorAuroc()
+            a = roi_auroc(uncertainty, d, gt, pred, spacing, self.roi_margin, accumulator=case_roc)
+            self.pooled_roi.merge(case_roc)
+            self.rater_rows.append({"case": case, "ncc": ncc(uncertainty, d), "roi_auroc": a,
+                                    "n_roi_voxels": case_roc.n_voxels,
+                                    "n_disagreement_voxels": case_roc.n_errors})
 
     # --- after the last case ------------------------------------------------------------------------------
     @property
@@ -176,6 +187,12 @@ class FieldMetrics:
         folder = Path(folder)
         if self.kits23:
             self.kits_table.to_csv(folder / "kits23.csv", index=False)
+            k = kits23_summary(self.kits_table)
+            rows = [{"region": name, **r} for name, r in k["regions"].items()]
+            rows.append({"region": "aggregate", "dice": k["mean_dice"], "surface_dice": k["mean_surface_dice"],
+                         "n_cases": len(self.kits_table) // 3})
+            pd.DataFrame(rows, columns=["region", "dice", "surface_dice", "n_cases"]).to_csv(
+                folder / "kits23_summary.csv", index=False)
         if self.failure is not None:
             self.failure.to_csv(folder / "failure_detection.csv", index=False)
             for lab, curves in self.curves.items():
