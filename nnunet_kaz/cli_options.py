@@ -81,7 +81,7 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_step(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--step-size", dest="tile_step_size", type=float, default=0.5,
+    p.add_argument("--step-size", dest="tile_step_size", metavar="STEP", type=float, default=0.5,
                    help="sliding-window tile step as a fraction of the patch (nnU-Net's; default 0.5)")
 
 
