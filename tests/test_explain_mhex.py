@@ -174,14 +174,18 @@ def test_collaboration_gradient_equals_finite_differences():
 
 
 def test_feed_back_changes_the_decoder_path():
+    import copy
+
     torch.manual_seed(0)
     net = unet(XBoundNet, 2).eval()
     x = torch.randn(1, 1, 16, 16)
+    fed = MHEXPlus(copy.deepcopy(net), feed_back=True).eval()
+    plain = MHEXPlus(copy.deepcopy(net), feed_back=False).eval()
+    plain.heads.load_state_dict(fed.heads.state_dict())
     with torch.no_grad():
-        plain = net(x)[0]
-        fed = MHEXPlus(net, feed_back=True)
-        net_out_with = fed.network(x)[0]
-    assert not torch.allclose(plain, net_out_with)  # X_j + Y_att_j flows on through the decoder
+        a, b = fed(x), plain(x)  # deep predictions, highest resolution first
+    assert torch.allclose(a[-1], b[-1])  # the deepest head's input is the same: nothing was fed back before it
+    assert not torch.allclose(a[0], b[0])  # X_j + Y_att_j flows on through the decoder to the full resolution
     with pytest.raises(ValueError, match="decoder"):
         MHEXPlus(nn.Sequential(nn.Conv2d(1, 2, 1)))
 

@@ -43,6 +43,17 @@ class MHEXHead(nn.Module):
         return torch.einsum("kc,bc...->bk...", self.equivalent_kernel(), activations)
 
 
+_SEG_PREFIX = "network.decoder.seg_layers."
+
+
+class _DiscardedSegLayer(nn.Module):
+    """Stands in for a wrapped decoder's segmentation layer under MHEX+ heads: no parameters, an empty output
+    (zero channels) that the wrapped decoder collects and MHEXPlus ignores."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :0]
+
+
 class MHEXPlus(nn.Module):
     """A U-Net with one MHEX+ head per decoder stage (paper 003 section 3.4; EU-Nets).
 
@@ -54,7 +65,10 @@ class MHEXPlus(nn.Module):
     The heads take over the role of the segmentation layers: `forward` returns the heads' deep predictions with the
     wrapped network's output contract, a list highest resolution first when `decoder.deep_supervision` is on (nnU-Net
     switches it through `network.decoder.deep_supervision`, which reaches the wrapped decoder), else the
-    full-resolution prediction. The wrapped network's own `seg_layers` still run but their outputs are unused.
+    full-resolution prediction. The wrapped network's own `seg_layers` are replaced by parameter-free
+    `_DiscardedSegLayer`s (their outputs were never used): every parameter then gets a gradient, which nnU-Net's
+    DistributedDataParallel (no `find_unused_parameters`) requires; checkpoints that still hold
+    `network.decoder.seg_layers.*` load (those keys are dropped).
     After each forward, `stage_inputs[j]` holds X_j (for CAMs and collaboration gradients).
     """
 
@@ -70,6 +84,7 @@ class MHEXPlus(nn.Module):
         num_classes = num_classes or seg[0].out_channels
         self.heads = nn.ModuleList(MHEXHead(type(s), s.in_channels, num_classes) for s in seg)
         self.heads.apply(self.initialize)
+        decoder.seg_layers = nn.ModuleList(_DiscardedSegLayer() for _ in seg)
         self.stage_inputs: List[Optional[torch.Tensor]] = [None] * len(seg)
         self._predictions: List[Optional[torch.Tensor]] = [None] * len(seg)
         for j, stage in enumerate(decoder.stages):
@@ -81,6 +96,12 @@ class MHEXPlus(nn.Module):
             self.stage_inputs[j], self._predictions[j] = output, prediction
             return output + attended if self.feed_back else None
         return hook
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, ignoring the wrapped decoder's former segmentation layers (checkpoints from before they
+        were removed)."""
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_SEG_PREFIX)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def decoder(self) -> nn.Module:
