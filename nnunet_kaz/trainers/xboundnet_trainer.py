@@ -137,6 +137,8 @@ class XBoundNetTrainer(CheckedResumeMixin, nnUNetTrainer):
     def _build_loss(self) -> nn.Module:
         loss = build_logdice_ce_loss(self.label_manager.has_regions, self.configuration_manager.batch_dice,
                                      self.logdice_alpha, self.label_manager.ignore_label, self.is_ddp)
+        if self._do_i_compile():  # as nnUNetTrainer._build_loss: the Dice term is compiled with the network
+            loss.dc = torch.compile(loss.dc)
         if self.enable_deep_supervision:
             loss = wrap_deep_supervision(loss, len(self._get_deep_supervision_scales()), self.is_ddp,
                                          self._do_i_compile())
