@@ -30,3 +30,17 @@ def test_explain_rejects_unknown_layers_and_lists_valid_ones(tiny_kaz, tmp_path)
                 "--layers", "no.such.block"], tiny_kaz.env, check=False)
     assert proc.returncode == 2 and "no.such.block" in proc.stderr and "bridge" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_rgb_image_for_a_one_channel_dataset_is_refused_before_anything_is_written(tiny_kaz, tmp_path):
+    from PIL import Image
+
+    member = tiny_kaz.train("XBoundNetTrainer_debug")
+    grey = np.asarray(Image.open(sorted((tiny_kaz.raw / "imagesTs").glob("*_0000.png"))[0]))
+    image = tmp_path / "RGB_0000.png"
+    Image.fromarray(np.stack([grey] * 3, -1)).save(image)
+    proc = run(["nnunet-kaz", "explain", "-i", str(image), "-m", f"{member}:0", "-o", str(tmp_path / "o")],
+               tiny_kaz.env, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("nnunet-kaz explain: error:") == 1
+    assert "case RGB" in proc.stderr and "3 channel(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
