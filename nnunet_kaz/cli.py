@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "nnunet_kaz.trainers.commands",
     "nnunet_kaz.inference.commands",
     "nnunet_kaz.postprocessing.commands",
+    "nnunet_kaz.conformal.commands",
     "nnunet_kaz.evaluation.commands",
     "nnunet_kaz.explain.commands",
     "nnunet_kaz.demo",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypa
     (dict(snapshot_top_k=3, snapshot_window=2), "snapshot_top_k"),
     (dict(snapshot_window=4), "longer than the shortest"),
 ])
-def test_sgdr_trainer_refuses_bad_settings(tiny_kaz, monkeypatch, attrs, match):
+def test_sgdr_trainer_refuses_bad_settings(tiny_kaz, monkeypatch, capsys, attrs, match):
     for key, value in tiny_kaz.env.items():
         if key.startswith("nnUNet"):
             monkeypatch.setenv(key, value)
@@ -102,5 +104,8 @@ def test_sgdr_trainer_refuses_bad_settings(tiny_kaz, monkeypatch, attrs, match):
     dataset_json = json.loads((tiny_kaz.raw / "dataset.json").read_text())
     bad = type("Bad", (XBoundNetTrainerSGDR_debug,), attrs)
     trainer = bad(plans, "2d", 0, dataset_json, torch.device("cpu"))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SystemExit) as exit_info:
         trainer.initialize()
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err.splitlines()[-1].removeprefix("nnUNetv2_train: error: "))
+    assert not Path(trainer.output_folder).exists()  # the empty fold folder and the log of the refused run are gone

@@ -266,6 +266,8 @@ def test_patch_smaller_than_total_downsampling_is_one_message(tiny_kaz):
                 "nnUNetBadPatchPlans", "-device", "cpu"], tiny_kaz.env, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nnUNetv2_train: error:")]
     assert len(errors) == 1 and "nnUNetBadPatchPlans configuration 2d" in errors[0]
+    assert not tiny_kaz.results("XBoundNetTrainer_debug").with_name(
+        "XBoundNetTrainer_debug__nnUNetBadPatchPlans__2d").exists()  # no folder or log of the refused run
     assert f"patch size {cfg['patch_size']}" in errors[0] and "total downsampling" in errors[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -25,11 +26,26 @@ class CheckedResumeMixin:
         super().load_checkpoint(filename_or_checkpoint)
 
     def _refuse_checkpoint(self, path: Path, error: Exception) -> None:
-        log = Path(getattr(self, "log_file", "") or "")
-        if log.is_file():  # opened by this run's __init__ (timestamped name), it holds only nnU-Net's banner
-            log.unlink()
         others = [n for n in RESUME_ORDER if n != path.name and (path.parent / n).is_file()]
         hint = f"delete it to resume from {others[0]}, or" if others else "delete it and"
-        print(f"nnUNetv2_train: error: cannot read checkpoint {path}, truncated or corrupt "
-              f"({type(error).__name__}: {error}); {hint} train without --c", file=sys.stderr)
-        raise SystemExit(2)
+        refuse_to_start(self, f"cannot read checkpoint {path}, truncated or corrupt "
+                              f"({type(error).__name__}: {error}); {hint} train without --c")
+
+
+def refuse_to_start(trainer, message: str) -> NoReturn:
+    """End `nnUNetv2_train` before training with `nnUNetv2_train: error: MESSAGE` and exit code 2 (SystemExit: no
+    traceback), leaving nothing of this run behind: the training log its __init__ opened (a timestamped name holding
+    only nnU-Net's banner) and the results folders __init__ made, as far as they are still empty (fold folder,
+    trainer folder, dataset folder; never nnUNet_results itself)."""
+    log = Path(getattr(trainer, "log_file", "") or "")
+    if log.is_file():
+        log.unlink()
+    folder = getattr(trainer, "output_folder", None)
+    if folder:
+        for f in (Path(folder), *list(Path(folder).parents)[:2]):
+            try:
+                f.rmdir()  # only while empty
+            except OSError:
+                break
+    print(f"nnUNetv2_train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

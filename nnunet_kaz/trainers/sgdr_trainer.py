@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin, refuse_to_start
 from nnunet_kaz.trainers.sgdr import SGDRScheduler, cycle_of_epoch, sgdr_cycle_ends
 from nnunet_kaz.trainers.snapshots import MANIFEST, Snapshot, SnapshotManifest, snapshot_filename
 from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer
@@ -76,7 +76,10 @@ class SGDRSnapshotMixin:
                              f"({shortest} epochs, cycles end at {ends})")
 
     def initialize(self):
-        self.check_sgdr_settings()
+        try:
+            self.check_sgdr_settings()
+        except ValueError as e:
+            refuse_to_start(self, f"{type(self).__name__}: {e}")
         super().initialize()
 
     def configure_optimizers(self):

@@ -13,7 +13,7 @@ from torch import nn
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunet_kaz.errors import KazError
-from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin
+from nnunet_kaz.trainers.checked_resume import CheckedResumeMixin, refuse_to_start
 from nnunet_kaz.trainers.losses import build_logdice_ce_loss
 
 
@@ -133,6 +133,12 @@ class XBoundNetTrainer(CheckedResumeMixin, nnUNetTrainer):
         return build_xboundnet_from_plans(configuration_manager, num_input_channels, num_output_channels,
                                           enable_deep_supervision, cls.max_features, cls.keep_planned_depth,
                                           plans_manager, **cls.network_kwargs)
+
+    def initialize(self):
+        try:
+            super().initialize()
+        except PlansError as e:  # plans XBoundNet++ cannot be built from: one line, nothing of this run left
+            refuse_to_start(self, str(e))
 
     def _build_loss(self) -> nn.Module:
         loss = build_logdice_ce_loss(self.label_manager.has_regions, self.configuration_manager.batch_dice,
