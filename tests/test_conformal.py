@@ -208,3 +208,37 @@ def test_fit_command_shape_mismatch(tmp_path, capsys):
     assert main(["conformal", "fit", "--probs", str(probs_dir), "--gt", str(gt_dir), "--label", "zone",
                  "-o", str(out), "-q"]) == 2
     assert "c03" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.integration
+def test_predict_writes_the_conformal_mask_of_the_fitted_threshold(tiny_kaz, tmp_path):
+    """fit on the training slices' predictions of a real nnUNetv2_train model, then predict the test slices with
+    --conformal: the mask equals {p >= threshold} of the written probabilities, its volume is in scores.csv."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    from tests.conftest import run
+
+    member = f"{tiny_kaz.train('nnUNetTrainer_debug')}:0"
+    val = tmp_path / "val"
+    run(["nnunet-kaz", "predict", "-i", str(tiny_kaz.raw / "imagesTr"), "-o", str(val), "-m", member, "-device",
+         "cpu"], tiny_kaz.env)
+    conformal = tmp_path / "conformal.json"
+    run(["nnunet-kaz", "conformal", "fit", "--probs", str(val), "--gt", str(tiny_kaz.raw / "labelsTr"), "--label",
+         "1", "--alpha", "0.2", "-o", str(conformal)], tiny_kaz.env)
+    threshold = json.loads(conformal.read_text())["labels"][0]["threshold"]
+    out = tmp_path / "test"
+    run(["nnunet-kaz", "predict", "-i", str(tiny_kaz.raw / "imagesTs"), "-o", str(out), "-m", member, "-device",
+         "cpu", "--conformal", str(conformal)], tiny_kaz.env)
+    scores = pd.read_csv(out / "scores.csv")
+    name = json.loads(conformal.read_text())["labels"][0]["name"]
+    assert len(scores) == 3 and (out / "conformal.json").is_file()
+    for _, row in scores.iterrows():
+        mask = np.asarray(Image.open(out / f"{row.case}_conformal_{name}.png"))
+        p = np.load(out / f"{row.case}.npz")["probabilities"][1, 0]
+        np.testing.assert_array_equal(mask, (p >= threshold).astype(np.uint8))
+        assert row.conformal_volume == mask.sum()
+        seg = np.asarray(Image.open(out / f"{row.case}.png"))
+        assert mask[seg == 1].all() or threshold > 0.5  # a threshold below 0.5 only grows the mask

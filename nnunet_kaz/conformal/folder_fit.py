@@ -118,6 +118,7 @@ class ConformalMasks:
     targets: list[Target]
     controls: list[FNRControl]
     alpha: float
+    content: dict  # the file as read, written again next to the predictions
 
     @classmethod
     def load(cls, path: Path) -> "ConformalMasks":
@@ -132,7 +133,12 @@ class ConformalMasks:
             raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise KazError(f"cannot read conformal file {path}: {e}") from e
-        return cls(targets, controls, float(d["alpha"]))
+        return cls(targets, controls, float(d["alpha"]), d)
+
+    def save(self, path: Path) -> None:
+        from nnunet_kaz.io_utils import write_json_atomic
+
+        write_json_atomic(self.content, path)
 
     def masks(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
         if probabilities.shape[0] <= max(t.channel for t in self.targets):

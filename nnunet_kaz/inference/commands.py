@@ -18,10 +18,15 @@ def _predict(args: argparse.Namespace) -> int:
         from nnunet_kaz.postprocessing import PostprocessingChain
 
         chain = PostprocessingChain.load(args.postprocessing)
+    conformal = None
+    if args.conformal is not None:
+        from nnunet_kaz.conformal import ConformalMasks
+
+        conformal = ConformalMasks.load(args.conformal)
     predictor = UncertaintyPredictor(members, mc=args.mc, mirror=args.mirror, tile_step_size=args.tile_step_size,
                                      device=args.device, mc_batch=args.mc_batch, seed=args.seed,
                                      calibration=calibration, postprocessing=chain,
-                                     calibrated_entropy=args.calibrated_entropy)
+                                     calibrated_entropy=args.calibrated_entropy, conformal=conformal)
     scores = predictor.predict_folder(args.i, args.o, args.overwrite, args.num_parts, args.part_id)
     print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s); outputs and scores.csv "
           f"({len(scores)} rows) in {args.o}")
@@ -59,5 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(CASE_calibrated_entropy.ext, key calibrated_entropy)")
     p.add_argument("--postprocessing", type=Path, help="post-processing chain JSON (threshold, closing, largest "
                                                        "component, optional resize for KAZ BMP export)")
+    p.add_argument("--conformal", type=Path, help="conformal.json from `nnunet-kaz conformal fit`: also write "
+                                                  "CASE_conformal_LABEL.ext, the mask with a guaranteed expected "
+                                                  "miss rate, from the output probabilities (calibrated with "
+                                                  "--calibration: fit it on the same kind of probabilities)")
     o.add_device(p)
     p.set_defaults(func=_predict)

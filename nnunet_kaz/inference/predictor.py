@@ -27,18 +27,11 @@ from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.trainers.seeding import derive_seed
-from nnunet_kaz.uncertainty.measures import (
-    binary_entropy,
-    coefficient_of_variation,
-    labelled_uncertainty,
-    normalized_entropy,
-    pooled_pairwise_dice,
-    relunet_score,
-)
+from nnunet_kaz.uncertainty.measures import normalized_entropy
+from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats
 
-SCORE_COLUMNS = ["case", "label", "mean_entropy", "relunet_score", "cv", "pairwise_dice", "labelled_uncertainty",
-                 "n_members", "n_samples"]
+CONFORMAL_COLUMN = "conformal_volume"  # voxels of the conformal mask (input geometry), with --conformal
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,7 +60,8 @@ class UncertaintyPredictor:
 
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
                  device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
-                 verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False):
+                 verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
+                 conformal=None):
         self.device = resolve_device(device)
         mc_batch = default_mc_batch(self.device) if mc_batch is None else mc_batch
         if mc < 0:
@@ -91,7 +85,18 @@ class UncertaintyPredictor:
         self.calibration, self.postprocessing = calibration, postprocessing
         if calibration is not None and self.regions:
             raise KazError("calibration applies to softmax outputs; these members were trained on regions")
+        self.conformal = conformal
+        if conformal is not None:
+            self._check_conformal(conformal)
         self.models = load_models(self.members, self.device, mc)
+
+    def _check_conformal(self, conformal) -> None:
+        """The conformal file's labels must be these members' classes (or regions), on the same channels."""
+        ours = {label: channel for channel, label in self._foreground()}
+        wrong = [t.name for t in conformal.targets if ours.get(t.name) != t.channel or t.region != self.regions]
+        if wrong:
+            raise KazError(f"the conformal file's label(s) {wrong} are not {'regions' if self.regions else 'classes'} "
+                           f"of these members on the same channels ({ours}) (conformal)", option="conformal")
 
     def network(self, index: int = 0) -> torch.nn.Module:
         """Model `index`'s network with its weights, in eval mode (dropout off), ready to run."""
@@ -148,16 +153,9 @@ class UncertaintyPredictor:
         variance = geo.maps(stats.variance)
         u_sample = geo.maps(-stats.mean_plogp)  # paper 004's U(x) per class, nats
         ratio = geo.voxel_volume_ratio
-        rows = []
-        for channel, label in self._foreground():
-            p = raw[channel]
-            h_bits = binary_entropy(p)
-            rows.append({"label": label, "mean_entropy": float(h_bits.mean()),
-                         "relunet_score": relunet_score(p, h_bits),
-                         "cv": coefficient_of_variation(stats.volumes[:, channel] * ratio),
-                         "pairwise_dice": pooled_pairwise_dice(stats.counts[channel], stats.volumes[:, channel]),
-                         "labelled_uncertainty": labelled_uncertainty(p, u_sample[channel]),
-                         "n_members": len(self.models), "n_samples": stats.n_samples})
+        rows = [{"label": label, **class_scores(stats, channel, raw[channel], u_sample[channel], ratio),
+                 "n_members": len(self.models), "n_samples": stats.n_samples}
+                for channel, label in self._foreground()]
         result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32),
                   "variance": variance, "scores": rows}
         if self.calibration is not None:  # the output probabilities, before thresholding (paper 000 section 2.3)
@@ -167,6 +165,11 @@ class UncertaintyPredictor:
             if self.calibrated_entropy:
                 result["calibrated_entropy"] = normalized_entropy(result["probabilities"],
                                                                   self.regions).astype(np.float32)
+        if self.conformal is not None:  # on the output probabilities (calibrated with --calibration), as fitted
+            result["conformal"] = self.conformal.masks(result["probabilities"])
+            for row in rows:
+                mask = result["conformal"].get(row["label"])
+                row[CONFORMAL_COLUMN] = int(mask.sum()) if mask is not None else float("nan")
         return result
 
     def _foreground(self) -> list[tuple[int, str]]:
@@ -238,7 +241,8 @@ class UncertaintyPredictor:
         return [f"{case}.npz", f"{case}_uncertainty.npz", f"{case}_entropy{ending}", f"{case}_mi{ending}",
                 f"{case}_calibrated_entropy{ending}",
                 f"{case}_scores.json", f"{case}{ending}", f"{case}.bmp",
-                *(f"{case}_prob_{label}{ending}" for _, label in self._foreground())]
+                *(f"{case}_prob_{label}{ending}" for _, label in self._foreground()),
+                *(f"{case}_conformal_{label}{ending}" for _, label in self._foreground())]
 
     def write_case(self, result: dict, props: dict, out_stem: Path) -> None:
         ending = self.dataset_json["file_ending"]
@@ -254,6 +258,10 @@ class UncertaintyPredictor:
         write_map(result["mutual_information"], out_stem.with_name(f"{case}_mi{ending}"), props)
         if "calibrated_entropy" in result:
             write_map(result["calibrated_entropy"], out_stem.with_name(f"{case}_calibrated_entropy{ending}"), props)
+        writer = self.plans_manager.image_reader_writer_class()
+        for label, mask in result.get("conformal", {}).items():
+            write_segmentation(writer, mask.astype(np.uint8), out_stem.with_name(f"{case}_conformal_{label}{ending}"),
+                               props)
         rows = [{"case": case, **r} for r in result["scores"]]
         with atomic_path(out_stem.with_name(f"{case}_scores.json")) as tmp:
             tmp.write_text(json.dumps(rows, indent=1))
@@ -261,8 +269,7 @@ class UncertaintyPredictor:
             from nnunet_kaz.postprocessing import write_kaz_bmp
 
             write_kaz_bmp(result["export"], out_stem.parent / "kaz_export" / f"{case}.bmp")
-        write_segmentation(self.plans_manager.image_reader_writer_class(), result["segmentation"],
-                           out_stem.with_name(f"{case}{ending}"), props)
+        write_segmentation(writer, result["segmentation"], out_stem.with_name(f"{case}{ending}"), props)
 
     def _write_run_info(self, output_dir: Path) -> None:
         if self.postprocessing is not None:
@@ -271,6 +278,8 @@ class UncertaintyPredictor:
             from nnunet_kaz.postprocessing import save_calibrator
 
             save_calibrator(self.calibration, output_dir / "calibration.json")
+        if self.conformal is not None:
+            self.conformal.save(output_dir / "conformal.json")
         write_json_atomic(self.dataset_json, output_dir / "dataset.json")
         write_json_atomic(self.plans_manager.plans, output_dir / "plans.json")
         write_json_atomic({"members": [{"folder": str(m.folder), "checkpoints": [str(c) for c in m.checkpoints]}
@@ -286,7 +295,8 @@ def collect_scores(output_dir: Path) -> pd.DataFrame:
     rows = []
     for f in sorted(Path(output_dir).glob("*_scores.json")):
         rows.extend(json.loads(f.read_text()))
-    df = pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    df = pd.DataFrame(rows, columns=SCORE_COLUMNS + ([CONFORMAL_COLUMN] if any(CONFORMAL_COLUMN in r for r in rows)
+                                                    else []))
     with atomic_path(Path(output_dir) / "scores.csv") as tmp:
         df.to_csv(tmp, index=False)
     return df
