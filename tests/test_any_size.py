@@ -65,9 +65,7 @@ def test_explain_2d_smaller_than_the_patch_equals_one_padded_pass(tiny_kaz, odd_
     member = _with_patch(tiny_kaz.train(PLAIN), tmp_path, PATCH_2D)
     out = tmp_path / "explain"
     predictor, net = load_member(f"{member}:0", "cpu")
-    # every block whose module runs in the forward pass (XBoundNet++'s split forward calls bridge.features, so a
-    # hook on `bridge` itself never fires: reported, left to the network's owner)
-    layers = [n for n in list_blocks(net) if n != "bridge"]
+    layers = list_blocks(net)  # every block, the ASPP bridge included
     run(["nnunet-kaz", "explain", "-i", *(str(p) for p in sorted((odd_2d / "images").iterdir())), "-m",
          f"{member}:0", "-o", str(out), "-device", "cpu", "--layers", *layers], tiny_kaz.env)
     for case, shape in SIZES_2D.items():

@@ -185,9 +185,11 @@ class ASPP(nn.Module):
             out = out + branch(x)
         return self.act(self.norm(out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """`dropout=False`: the features alone, through the module's call (so forward hooks, e.g. Grad-CAM's, see
+        the bridge's output as they see every other block's, before its dropout)."""
         out = self.features(x)
-        return self.dropout(out) if hasattr(self, "dropout") else out
+        return self.dropout(out) if dropout and hasattr(self, "dropout") else out
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         return _numel(self.channels, input_size) * len(self.branches)

@@ -282,7 +282,7 @@ class XBoundNet(AbstractDynamicNetworkArchitectures):
             features.append(x)
             if str(s) in self.encoder.dropouts:
                 return PrefixCache(features, None, None)
-        bridge = self.bridge.features(x)
+        bridge = self.bridge(x, dropout=False)
         if hasattr(self.bridge, "dropout"):
             return PrefixCache(features, bridge, None)
         x, outputs, n = bridge, [], len(features)
@@ -301,7 +301,8 @@ class XBoundNet(AbstractDynamicNetworkArchitectures):
             features[-1] = self.encoder.maybe_dropout(len(features) - 1, features[-1])
             for s in range(len(features), n):
                 features.append(self.encoder.maybe_dropout(s, self.encoder.stages[s](features[-1])))
-            x = self.bridge(features[-1])
+            x = self.bridge(features[-1], dropout=False)
+            x = self.bridge.dropout(x) if hasattr(self.bridge, "dropout") else x
         elif cache.decoder is None:
             x = self.bridge.dropout(cache.bridge) if hasattr(self.bridge, "dropout") else cache.bridge
         else:  # only the last cached level can have a dropout
