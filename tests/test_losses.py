@@ -48,3 +48,21 @@ def test_logdice_is_finite_when_all_wrong():
 def test_alpha_outside_unit_interval_is_refused():
     with pytest.raises(ValueError, match="alpha"):
         build_logdice_ce_loss(False, False, alpha=1.5)
+
+
+def test_deep_supervision_weights_as_nnunet_and_a_single_output_is_kept():
+    import numpy as np
+    import torch
+
+    from nnunet_kaz.trainers.losses import build_logdice_ce_loss
+    from nnunet_kaz.trainers.xboundnet_trainer import wrap_deep_supervision
+
+    base = build_logdice_ce_loss(False, False)
+    three = wrap_deep_supervision(base, 3, is_ddp=False, compiled=False)
+    np.testing.assert_allclose(three.weight_factors, np.array([1, 0.5, 0]) / 1.5)  # nnUNetTrainer._build_loss
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    single = wrap_deep_supervision(base, 1, is_ddp=False, compiled=False)  # a two-stage network: one output
+    value = single([logits], [target])
+    assert torch.isfinite(value) and torch.allclose(value, base(logits, target))

@@ -27,3 +27,15 @@ def test_xboundnet_trainer_compiles_the_dice_term_like_nnunet(tiny_kaz, monkeypa
         loss = trainer._build_loss()
         dice = loss.loss.dc if hasattr(loss, "loss") else loss.dc
         assert len(compiled) == before + 1 and compiled[-1] is dice, cls.__name__
+
+
+def test_two_stage_xboundnet_trains_to_finite_losses(tiny_kaz):
+    """The depth cap leaves 2 stages on the 32x32 tiny plans, so one deep-supervision output: nnU-Net's weighting
+    would give it 0 / 0 and every loss would be NaN."""
+    import math
+
+    folder = tiny_kaz.train("XBoundNetTrainer_debug")
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert max(int(k.split(".")[2]) for k in ckpt["network_weights"] if k.startswith("encoder.stages.")) == 1
+    losses = ckpt["logging"]["train_losses"] + ckpt["logging"]["val_losses"]
+    assert losses and all(math.isfinite(v) for v in losses)

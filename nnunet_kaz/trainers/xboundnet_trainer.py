@@ -99,10 +99,13 @@ def build_xboundnet_from_plans(configuration_manager: ConfigurationManager, num_
 
 
 def wrap_deep_supervision(loss: nn.Module, n_outputs: int, is_ddp: bool, compiled: bool) -> nn.Module:
-    """Weight outputs 1, 1/2, 1/4, ... and drop the lowest resolution, exactly as nnUNetTrainer._build_loss."""
+    """Weight outputs 1, 1/2, 1/4, ... and drop the lowest resolution, as nnUNetTrainer._build_loss, except that a
+    network with a single output (two stages, e.g. XBoundNet++ on a small patch) keeps it: nnU-Net's rule would
+    give it weight 0 / 0 = NaN and the loss would be NaN from the first iteration."""
     weights = np.array([1 / (2 ** i) for i in range(n_outputs)])
-    # DDP without compile complains about unused parameters when a weight is exactly 0 (nnU-Net's workaround)
-    weights[-1] = 1e-6 if (is_ddp and not compiled) else 0
+    if n_outputs > 1:
+        # DDP without compile complains about unused parameters when a weight is exactly 0 (nnU-Net's workaround)
+        weights[-1] = 1e-6 if (is_ddp and not compiled) else 0
     return DeepSupervisionWrapper(loss, weights / weights.sum())
 
 
