@@ -26,7 +26,6 @@ from nnunet_kaz.inference.members import Member, load_models, parse_member
 from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
-from nnunet_kaz.trainers.seeding import derive_seed
 from nnunet_kaz.uncertainty.measures import normalized_entropy
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats
@@ -54,8 +53,10 @@ class UncertaintyPredictor:
     """Combine ensemble members (folds, seeds, snapshots) and MC-dropout samples by averaging probabilities.
 
     `mc=0` runs each model once with dropout off; `mc=N` samples each model N times with only the dropout
-    modules in train mode (normalisation stays in eval mode). Samples are seeded per case (`seed`), so a run
-    is reproducible and an interrupted run resumes to the same outputs.
+    modules in train mode (normalisation stays in eval mode). Sample k of model m on case c draws its dropout
+    masks on tile t from a generator seeded by (seed, crc32(c), m, k, t) (`sliding_window.per_sample_dropout`),
+    so a run is reproducible, an interrupted run resumes to the same outputs, and `mc_batch` does not change
+    the samples on a given device.
     """
 
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
@@ -63,6 +64,8 @@ class UncertaintyPredictor:
                  verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
                  conformal=None):
         self.device = resolve_device(device)
+        if self.device.type == "cuda":  # as nnUNetPredictor.__init__: cuDNN picks the fastest kernels per shape
+            torch.backends.cudnn.benchmark = True
         mc_batch = default_mc_batch(self.device) if mc_batch is None else mc_batch
         if mc < 0:
             raise KazError(f"the number of MC samples (mc) must be >= 0, got {mc}", option="mc")
@@ -124,10 +127,12 @@ class UncertaintyPredictor:
         for m_index, model in enumerate(self.models):
             net = model.ready()
             set_mc_dropout(net, self.mc > 0)
-            torch.manual_seed(derive_seed(self.seed, case_seed, m_index))
             mirror_axes = net.mirror_axes if self.mirror else None
-            for b in chunks:
-                logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes, self.device)
+            for start, b in zip(range(0, n_per_model, self.mc_batch), chunks):
+                # sample k's masks from its own stream (seed, case, m, k), whatever the batch (mc_batch)
+                keys = [(self.seed, case_seed, m_index, k) for k in range(start, start + b)] if self.mc > 0 else None
+                logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes, self.device,
+                                         sample_keys=keys)
                 stats.add(self.probabilities(logits))
                 bar.update(b)
         bar.close()
@@ -204,8 +209,11 @@ class UncertaintyPredictor:
         self._write_run_info(output_dir)
         if len(todo) < len(mine):
             print(f"{len(mine) - len(todo)} case(s) already predicted in {output_dir}, skipped (--overwrite redoes)")
+        from nnunetv2.utilities.helpers import empty_cache
+
         for case in tqdm(todo, desc="cases", disable=not self.verbose):
             self.predict_case(cases[case], output_dir / case, progress=self.verbose)
+            empty_cache(self.device)  # nnU-Net's helper: frees the case's cached GPU blocks (no-op on the CPU)
         return collect_scores(output_dir)
 
     def predict_case(self, image_files: list[str], out_stem: Path, progress: bool = False) -> dict:

@@ -7,18 +7,29 @@ same float16 accumulation (all of it `nnunet_kaz.inference.tiling`), so one dete
 Written by hand because nnU-Net's loop predicts one sample per pass: here each tile is read once, the part of
 the network in front of the first dropout runs once (`forward_prefix`, when the network offers it, as
 XBoundNet++ does) and only the rest runs on a batch of B samples (`forward_suffix`).
+
+Reproducible MC dropout whatever the batch: with `sample_keys` (one integer key per sample, the predictor's
+(seed, case, model m, sample k)) every dropout module of the network draws the mask of batch item b from its own
+generator, seeded by `derive_seed(*key_b, t)` on tile t (the tile's index in nnU-Net's tile order,
+`tiling.sliding_window_slicers`) and used in the order the forward passes call the dropout modules (mirror flips
+included). So sample k's masks on tile t depend on (seed, case, m, k, t) only, not on how many samples share its
+batch: `--mc-batch 1` and `8` draw identical masks on the same device (`per_sample_dropout`), and their outputs
+agree within the float rounding of batched convolutions (README, "Reproducible MC dropout").
 """
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
+import math
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.tiling import network_placement, stitch_tiles
+from nnunet_kaz.trainers.seeding import derive_seed
 
 
 def dropout_modules(network: nn.Module) -> list[nn.Module]:
@@ -31,6 +42,71 @@ def set_mc_dropout(network: nn.Module, active: bool) -> None:
     network.eval()
     for m in dropout_modules(network):
         m.train(active)
+
+
+_FEATURE_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout)
+_ALPHA_DROPOUTS = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+_SELU_ALPHA = 1.7580993408473766  # -scale * alpha of SELU, as ATen's alpha dropout (native/Dropout.cpp)
+
+
+def seeded_dropout(module: _DropoutNd, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """`module`'s dropout of a batch x (B, C, *spatial), item b's mask drawn from `generators[b]`.
+
+    The arithmetic is torch's (ATen native/Dropout.cpp): Bernoulli(1 - p) noise per element (nn.Dropout,
+    nn.AlphaDropout) or per channel (nn.Dropout1d/2d/3d, nn.FeatureAlphaDropout); x * noise / (1 - p), or for
+    alpha dropout x * a * noise + b with a = 1 / sqrt((alpha^2 p + 1)(1 - p)), b = alpha a (noise - 1 + p)."""
+    if not module.training or module.p == 0:
+        return x
+    if type(module) not in (nn.Dropout, nn.AlphaDropout, *_FEATURE_DROPOUTS):
+        raise KazError(f"per-sample seeded MC dropout does not know {type(module).__name__}; use torch's "
+                       "Dropout, Dropout1d/2d/3d, AlphaDropout or FeatureAlphaDropout")
+    if x.shape[0] != len(generators):
+        raise RuntimeError(f"a batch of {x.shape[0]} reached {type(module).__name__} with {len(generators)} "
+                           "sample generators")
+    p = float(module.p)
+    if p == 1:
+        return x.mul_(0) if module.inplace else x * 0
+    per_item = (x.shape[1],) + (1,) * (x.ndim - 2) if isinstance(module, _FEATURE_DROPOUTS) else x.shape[1:]
+    noise = torch.empty((x.shape[0], *per_item), device=x.device, dtype=x.dtype)
+    for b, generator in enumerate(generators):
+        noise[b].bernoulli_(1 - p, generator=generator)
+    if isinstance(module, _ALPHA_DROPOUTS):
+        a = 1.0 / math.sqrt((_SELU_ALPHA ** 2 * p + 1) * (1 - p))
+        shift = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
+        noise.mul_(a)
+        return (x.mul_(noise) if module.inplace else x * noise).add_(shift)
+    noise.div_(1 - p)
+    return x.mul_(noise) if module.inplace else x * noise
+
+
+class SampleStreams:
+    """The per-sample mask generators of the batch being predicted: `for_tile(t)` seeds one generator per
+    sample key, `derive_seed(*key, t)`, on `device`."""
+
+    def __init__(self, keys: Sequence[Sequence[int]], device: torch.device):
+        self.keys, self.device = [tuple(int(v) for v in k) for k in keys], torch.device(device)
+        self.generators: list[torch.Generator] = []
+
+    def for_tile(self, t: int) -> None:
+        self.generators = [torch.Generator(device=self.device).manual_seed(derive_seed(*key, t))
+                           for key in self.keys]
+
+
+@contextmanager
+def per_sample_dropout(network: nn.Module, streams: SampleStreams):
+    """Within the block every dropout module of `network` (p > 0) draws item b's mask from
+    `streams.generators[b]` (`seeded_dropout`) instead of torch's global generator; restored after."""
+    modules = dropout_modules(network)
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = lambda x, _m=m: seeded_dropout(_m, x, streams.generators)
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            del m.forward
+            if f is not None:
+                m.forward = f
 
 
 def repeat_batch(obj, n: int):
@@ -79,24 +155,34 @@ def predict_tile_samples(network: nn.Module, tile: torch.Tensor, n_samples: int,
 @torch.inference_mode()
 def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence[int], n_outputs: int,
                     n_samples: int, tile_step_size: float = 0.5, mirror_axes: Sequence[int] | None = None,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+                    device: torch.device | str | None = None,
+                    sample_keys: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Sliding-window logits of `n_samples` samples for a preprocessed image (C_in, *spatial): (B, C, *spatial),
     on `device` (default: the network's).
 
     Tiling, padding, Gaussian and float16 accumulation on the results device are nnU-Net's (`stitch_tiles`),
-    which is what makes a single deterministic sample reproduce `nnUNetv2_predict`.
+    which is what makes a single deterministic sample reproduce `nnUNetv2_predict`. `sample_keys` (one integer
+    tuple per sample): sample b's dropout masks on tile t come from a generator seeded by (*key_b, t) on the
+    network's device (module docstring), so they do not depend on `n_samples`; None: torch's global generator.
     """
     device = torch.device(device) if device is not None else network_placement(network)[0]
     autocast = torch.autocast(device.type) if device.type == "cuda" else nullcontext()
+    if sample_keys is not None and len(sample_keys) != n_samples:
+        raise ValueError(f"{len(sample_keys)} sample keys (sample_keys) for {n_samples} samples (n_samples)")
+    streams = SampleStreams(sample_keys, network_placement(network)[0]) if sample_keys is not None else None
+    tiles = itertools.count()
 
     def tile_logits(tile: torch.Tensor) -> torch.Tensor:
+        if streams is not None:
+            streams.for_tile(next(tiles))
         with autocast:
             out = predict_tile_samples(network, tile, n_samples, mirror_axes)
         if out.shape[1] != n_outputs:
             raise RuntimeError(f"the network gives {out.shape[1]} outputs, {n_outputs} expected")
         return out
 
-    logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half)
+    with per_sample_dropout(network, streams) if streams is not None else nullcontext():
+        logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half)
     if torch.isinf(logits).any():
         raise RuntimeError("inf in the accumulated logits (float16 overflow); nnU-Net has the same limit")
     return logits

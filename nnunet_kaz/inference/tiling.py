@@ -12,9 +12,12 @@ nnU-Net's steps (`nnUNetPredictor.predict_sliding_window_return_logits` in nnune
   here, `sliding_window_slicers`, rather than called on a shim);
 - each tile's output is weighted by nnU-Net's Gaussian (`compute_gaussian`, sigma 1/8 of the patch, peak 10):
   out = sum_t g_t f_t / sum_t g_t.
-Tiles are moved to the network's device and dtype here, in one place (`stitch_tiles`), whatever device the
-image is on; the sums live on `accumulate_device` in `accumulate_dtype` (float16 on the results device is what
-nnU-Net does and what makes one deterministic sample reproduce `nnUNetv2_predict`).
+Tiles follow the network's device and dtype here, in one place (`stitch_tiles`), whatever device the image is
+on: the padded image is moved (and cast) to the network's device once, as nnU-Net moves it once
+(`_internal_predict_sliding_window_return_logits`, `data.to(results_device)`), and the tiles are sliced there, so
+a CUDA network gets no per-tile host-to-device copies; the sums live on `accumulate_device` in
+`accumulate_dtype` (float16 on the results device is what nnU-Net does and what makes one deterministic sample
+reproduce `nnUNetv2_predict`).
 """
 from __future__ import annotations
 
@@ -74,8 +77,9 @@ def stitch_tiles(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], data: 
                  progress: str | None = None) -> torch.Tensor:
     """Apply `fn` to every nnU-Net tile of `data` (C, *spatial) and stitch its outputs (module docstring).
 
-    `fn` gets one tile (1, C, *patch) on the network's device and dtype (`network`; else as `data` is) and
-    returns any (*lead, *patch) array; the result is (*lead, *spatial) on `accumulate_device`."""
+    `fn` gets one tile (1, C, *patch) on the network's device and dtype (`network`; else as `data` is), a view of
+    the padded image moved there once, and returns any (*lead, *patch) array; the result is (*lead, *spatial) on
+    `accumulate_device`."""
     from tqdm import tqdm
 
     patch_size = tuple(int(p) for p in patch_size)
@@ -83,12 +87,13 @@ def stitch_tiles(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], data: 
     shape = tuple(padded.shape[1:])
     slicers = sliding_window_slicers(shape, patch_size, step)
     device, dtype = network_placement(network) if network is not None else (data.device, data.dtype)
+    padded = padded.to(device=device, dtype=dtype)  # once per image; the tiles are views of it
     acc_device = torch.device(accumulate_device)
     gaussian = gaussian_weights(patch_size, acc_device, accumulate_dtype)
     weights = torch.zeros(shape, dtype=accumulate_dtype, device=acc_device)
     total = None
     for sl in tqdm(slicers, desc=progress, disable=progress is None, leave=False):
-        tile = padded[sl][None].to(device=device, dtype=dtype)
+        tile = padded[sl][None]
         out = fn(tile)
         out = (torch.from_numpy(np.asarray(out)) if not isinstance(out, torch.Tensor) else out).to(acc_device)
         lead = out.ndim - len(patch_size)
