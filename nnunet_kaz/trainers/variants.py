@@ -96,7 +96,10 @@ variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpati
 
 # MHEX+ heads (issue 7, paper 003)
 _mhex = [
-    variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_debug", "XBoundNetTrainerMHEX for tests.", DEBUG),
+    # the plans' depth: the depth cap leaves 2 stages (one head) on tiny test patches, and the collaboration map
+    # needs adjacent heads
+    variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_debug", "XBoundNetTrainerMHEX for tests, at the plans' depth.",
+            DEBUG, keep_planned_depth=True),
     variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_debug", "nnUNetTrainerMHEX for tests.", DEBUG),
     variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_demo", "XBoundNetTrainerMHEX for the CPU demo: 10 epochs x "
             "12 iterations, features capped at 32.", DEMO, max_features=32),
