@@ -242,3 +242,27 @@ def test_predict_writes_the_conformal_mask_of_the_fitted_threshold(tiny_kaz, tmp
         assert row.conformal_volume == mask.sum()
         seg = np.asarray(Image.open(out / f"{row.case}.png"))
         assert mask[seg == 1].all() or threshold > 0.5  # a threshold below 0.5 only grows the mask
+
+    # evaluate --conformal: each case's realised FNR by hand, the mean against alpha
+    gt_dir = tiny_kaz.raw / "labelsTs"
+    ev = tmp_path / "eval"
+    proc = run(["nnunet-kaz", "evaluate", "--pred", str(out), "--gt", str(gt_dir), "--conformal", str(out), "-o",
+                str(ev)], tiny_kaz.env)
+    table = pd.read_csv(ev / "conformal.csv")
+    expected = []
+    for _, row in table.iterrows():
+        mask = np.asarray(Image.open(out / f"{row.case}_conformal_{name}.png")) > 0
+        truth = np.asarray(Image.open(gt_dir / f"{row.case}.png")) == 1
+        expected.append((truth & ~mask).sum() / truth.sum() if truth.any() else 0.0)
+        assert row.mask_voxels == mask.sum() and row.gt_voxels == truth.sum()
+    np.testing.assert_allclose(table.fnr, expected)
+    summary = pd.read_csv(ev / "conformal_summary.csv")
+    assert summary.alpha[0] == 0.2 and np.isclose(summary.mean_fnr[0], np.mean(expected))
+    assert f"conformal {name}: mean realised FNR" in proc.stdout
+
+    # a missing mask: one message naming it, nothing written
+    (out / f"{scores.case[0]}_conformal_{name}.png").unlink()
+    proc = run(["nnunet-kaz", "evaluate", "--pred", str(out), "--gt", str(gt_dir), "--conformal", str(out), "-o",
+                str(tmp_path / "eval2")], tiny_kaz.env, check=False)
+    assert proc.returncode == 2 and f"{scores.case[0]}_conformal_{name}.png" in proc.stderr
+    assert not (tmp_path / "eval2").exists()

@@ -15,7 +15,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   allow_undeclared_labels=args.allow_undeclared_labels,
                                   kits23=args.kits23, nsd_tolerance=args.nsd_tolerance)
     result = evaluate_folder(args.pred, args.gt, args.o, args.probs, settings, args.images, args.uncertainty,
-                             args.scores, progress=not args.quiet, raters_dir=args.raters)
+                             args.scores, progress=not args.quiet, raters_dir=args.raters,
+                             conformal_dir=args.conformal)
     print(report(result))
     print(f"wrote {args.o}")
     return 0
@@ -79,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsd-tolerance", nargs="+", metavar="[LABEL:]MM",
                    help="normalised surface Dice at this tolerance (mm; pixels for PNG/BMP) as column nsd of "
                         "metrics.csv; LABEL:MM for one label, e.g. --nsd-tolerance 2 1:1.5")
+    p.add_argument("--conformal", type=Path, metavar="DIR",
+                   help="folder of `nnunet-kaz predict --conformal` outputs (conformal.json, "
+                        "CASE_conformal_LABEL.ext): conformal.csv / conformal_summary.csv with each case's realised "
+                        "false-negative rate, the mean against alpha, and the masks' size against the segmentation "
+                        "and the ground truth")
     p.add_argument("--raters", type=Path, metavar="DIR",
                    help="folder of per-case rater-disagreement maps {case}{ending} (convert-kits23's "
                         "raterDisagreementTr/): NCC and ROI AUROC of the uncertainty against them")

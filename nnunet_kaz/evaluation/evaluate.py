@@ -112,6 +112,7 @@ class EvaluationPlan:
     sources: dict[str, str] = field(default_factory=dict)
     kits23: bool = False
     raters: dict[str, Path] | None = None
+    conformal: "ConformalCheck | None" = None
 
 
 @dataclass
@@ -129,6 +130,7 @@ class EvaluationResult:
     figures: list[dict] = field(default_factory=list)
     uncertainty_source: str | None = None
     field: FieldMetrics | None = None
+    conformal: "ConformalCheck | None" = None
 
     def auroc_table(self) -> pd.DataFrame:
         return pd.DataFrame([{"scope": s, "auroc": a.auroc(), "n_voxels": a.n_voxels, "n_error_voxels": a.n_errors,
@@ -142,7 +144,8 @@ class EvaluationResult:
 
 def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, settings: EvaluationSettings | None = None,
             images_dir: Path | None = None, uncertainty_dir: Path | None = None,
-            scores_csv: Path | None = None, raters_dir: Path | None = None) -> EvaluationPlan:
+            scores_csv: Path | None = None, raters_dir: Path | None = None,
+            conformal_dir: Path | None = None) -> EvaluationPlan:
     """Check every input before anything is computed or written; KazError lists what is wrong."""
     settings = settings or EvaluationSettings()
     settings.check()
@@ -183,6 +186,15 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
                            "uncertainty maps too", option="raters")
         plan.raters = check_rater_folder(Path(raters_dir), {p.case: p.header.shape for p in pairs},
                                          SEGMENTATION_ENDINGS, lambda f: read_header(f).squeezed.shape)
+    if conformal_dir is not None:
+        from nnunet_kaz.evaluation.conformal_check import ConformalCheck
+
+        ending = dj.get("file_ending", "") if dj is not None else ""
+        if not ending:
+            raise KazError(f"no dataset.json next to {pred_dir} or {gt_dir}: the conformal masks' file ending is "
+                           "unknown (conformal)", option="conformal")
+        plan.conformal = ConformalCheck.from_folder(Path(conformal_dir), {p.case: p.header.shape for p in pairs},
+                                                    ending)
     if scores_csv is not None:
         plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
         unknown = sorted(set(plan.scores["case"]) - {p.case for p in pairs})
@@ -192,7 +204,8 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
                     "images": str(images_dir) if images_dir else "",
                     "uncertainty": str(uncertainty_dir) if uncertainty_dir else "",
                     "scores": str(scores_csv) if scores_csv else "",
-                    "raters": str(raters_dir) if raters_dir else ""}
+                    "raters": str(raters_dir) if raters_dir else "",
+                    "conformal": str(conformal_dir) if conformal_dir else ""}
     return plan
 
 
@@ -270,6 +283,8 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         seen |= present
         labels = plan.labels if plan.labels is not None else sorted(present)
         nsd = fm.add_segmentation(pair.case, pred, gt, spacing, labels)
+        if plan.conformal is not None:
+            plan.conformal.add(pair.case, pred, gt)
         rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present),
                   **({"nsd": nsd[lab]} if lab in nsd else {})} for lab in labels]
         if not use_unc:
@@ -315,7 +330,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
                        option="labels")
     metrics = _complete(pd.DataFrame(rows), [p.case for p in plan.pairs], labels)
     result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures,
-                              field=fm)
+                              field=fm, conformal=plan.conformal)
     if threshold_rows:
         result.thresholds = pd.DataFrame(threshold_rows)
         result.threshold_summary = summarize_thresholds(result.thresholds)
@@ -418,6 +433,8 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
         score_scatter(result.scores, result.metrics, folder / "score_scatter.png")
     if result.field is not None:
         result.field.write_into(folder)
+    if result.conformal is not None:
+        result.conformal.write_into(folder)
     info = {"settings": asdict(result.plan.settings), "inputs": result.plan.sources, "labels": result.labels,
             "cases": [p.case for p in result.plan.pairs], "nan_counts": result.nan_counts(),
             "uncertainty": result.uncertainty_source, **(result.field.summary() if result.field else {})}
@@ -443,10 +460,12 @@ def write(result: EvaluationResult, out_dir: Path) -> None:
 def evaluate_folder(pred_dir: Path, gt_dir: Path, out_dir: Path, probs_dir: Path | None = None,
                     settings: EvaluationSettings | None = None, images_dir: Path | None = None,
                     uncertainty_dir: Path | None = None, scores_csv: Path | None = None,
-                    progress: bool = True, raters_dir: Path | None = None) -> EvaluationResult:
+                    progress: bool = True, raters_dir: Path | None = None,
+                    conformal_dir: Path | None = None) -> EvaluationResult:
     """prepare + run + write (see the module docstring)."""
     check_output_dir(out_dir, MARKER, [pred_dir, gt_dir, probs_dir, images_dir, uncertainty_dir, raters_dir])
-    plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv, raters_dir)
+    plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv, raters_dir,
+                   conformal_dir)
     result = run(plan, progress)
     write(result, out_dir)
     return result
@@ -470,6 +489,8 @@ def report(result: EvaluationResult) -> str:
         lines.append(f"uncertainty AUROC for voxel errors ({scope}): {a.auroc():.4f}")
     if result.field is not None:
         lines += result.field.report_lines()
+    if result.conformal is not None:
+        lines += result.conformal.report_lines()
     return "\n".join(lines)
 
 
