@@ -40,7 +40,7 @@ FAILURE_COLUMNS = ("label", "source", "aurc", "e_aurc", "augrc", "n_cases")
 AGGREGATIONS = ("mean", "sum", "foreground_mean", "patch_max")
 PATCH_SIZE = 10
 # per-image scores of scores.csv that grow with agreement: their confidence is the score itself
-HIGHER_IS_CONFIDENT = ("pairwise_dice",)
+HIGHER_IS_CONFIDENT = ("pairwise_dice", "pairwise_dice_pooled")  # agreement: higher = more confident
 
 
 def _clean(risks, confidences) -> tuple[np.ndarray, np.ndarray]:
