@@ -82,4 +82,8 @@ class XBoundNetPlanner(ExperimentPlanner):
             warnings.warn(f"{data_identifier}: the {'x'.join(map(str, bridge))} bridge is shorter than "
                           f"{wanted} voxels along some axis; ASPP dilations reduced to fit: {uniform}")
         arch["aspp_dilations"] = uniform
+        if arch["n_stages"] == 2:  # one deep-supervision output, which nnUNetTrainer._build_loss weights 0 / 0
+            warnings.warn(f"{data_identifier}: XBoundNet++ gets 2 stages on patch {plan['patch_size']}; nnU-Net's own "
+                          "trainers give a 2-stage network's single deep-supervision output the weight 0/0 (NaN "
+                          "losses): train these plans with -tr XBoundNetTrainer (or nnUNetTrainerNoDeepSupervision)")
         return plan
