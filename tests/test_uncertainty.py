@@ -235,3 +235,38 @@ def test_edge_cases_are_defined():
     assert math.isnan(pooled_pairwise_dice(np.zeros(3), np.array([2])))  # one sample
     assert pooled_pairwise_dice(np.zeros(3), np.array([0, 0])) == 1.0  # all empty: agreement
     assert math.isnan(labelled_uncertainty(np.zeros(4), np.ones(4)))
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 9), (1, 6, 11), (13, 3, 4)])
+def test_slab_by_slab_accumulation_equals_numpy_on_the_whole_volume(shape, monkeypatch):
+    """Issue 15: `add` works through slabs of the first spatial axis (here 1-2 rows, so the last slab is
+    partial); the statistics equal a float64 numpy computation on the whole stack of samples, the counts and
+    volumes exactly, and the counts sit in uint8 for <= 255 samples."""
+    from nnunet_kaz.uncertainty.streaming import count_dtype
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(7, 3, *shape)) * 3
+    samples = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # softmax over 3 classes
+    monkeypatch.setattr(StreamingStats, "SLAB_VOXELS", 2 * int(np.prod(shape[1:])) - 1)  # 1 row per slab
+    stats = StreamingStats(3, shape, max_samples=7)
+    for start in (0, 3, 4):  # batches of 3, 1, 3
+        stats.add(torch.from_numpy(samples[start:start + {0: 3, 3: 1, 4: 3}[start]].astype(np.float32)))
+    r = stats.result()
+    assert r.counts.dtype == np.uint8 and count_dtype(255) == torch.uint8 and count_dtype(256) == torch.int16
+    np.testing.assert_allclose(r.mean, samples.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.variance, samples.var(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r.mean_plogp, (samples * np.log(samples)).mean(0), rtol=1e-5, atol=1e-6)
+    h = -(samples * np.log(samples)).sum(1) / np.log(3)
+    np.testing.assert_allclose(r.mean_entropy, h.mean(0), rtol=1e-5, atol=1e-6)
+    binary = samples >= 0.5
+    np.testing.assert_array_equal(r.counts, binary.sum(0))
+    np.testing.assert_array_equal(r.volumes, binary.reshape(7, 3, -1).sum(-1))
+    with pytest.raises(ValueError, match="after result"):
+        stats.add(torch.from_numpy(samples[:1].astype(np.float32)))
+
+
+def test_more_samples_than_announced_is_an_error():
+    stats = StreamingStats(2, (2, 2), max_samples=1)
+    stats.add(torch.full((1, 2, 2, 2), 0.5))
+    with pytest.raises(ValueError, match="sized for 1"):
+        stats.add(torch.full((1, 2, 2, 2), 0.5))

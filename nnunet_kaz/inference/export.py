@@ -23,30 +23,45 @@ class GeometryRestorer:
         self.pm, self.cm, self.props = plans_manager, configuration_manager, properties
 
     def _resample(self, array: np.ndarray) -> np.ndarray:
+        """(K, *preprocessed) -> (K, *cropped input) float32, one channel at a time into one output array.
+
+        nnU-Net's resampling treats the channels independently (a loop over them) but converts the whole input to
+        float64 first; channel by channel, the same values come out while the float64 copy is of one channel only
+        (issue 15: on a resampled KiTS volume that copy alone was 8 bytes per voxel and class)."""
         props = self.props
         spacing_t = [props["spacing"][i] for i in self.pm.transpose_forward]
-        shape = props["shape_after_cropping_and_before_resampling"]
+        shape = tuple(int(s) for s in props["shape_after_cropping_and_before_resampling"])
         current = self.cm.spacing if len(self.cm.spacing) == len(shape) else [spacing_t[0], *self.cm.spacing]
-        out = self.cm.resampling_fn_probabilities(array, shape, current, spacing_t)
-        return np.asarray(out, dtype=np.float32)
+        if tuple(array.shape[1:]) == shape:  # nothing to resample (nnU-Net returns its input as is)
+            return np.array(array, dtype=np.float32)
+        out = np.empty((array.shape[0], *shape), dtype=np.float32)
+        for c in range(array.shape[0]):
+            out[c] = self.cm.resampling_fn_probabilities(array[c:c + 1], shape, current, spacing_t)[0]
+        return out
+
+    def _uncrop(self, res: np.ndarray, fill: float, first_fill: float | None = None) -> np.ndarray:
+        """(K, *cropped) -> (K, *input) in the input's axis order; outside the crop `fill` (channel 0:
+        `first_fill` if given). Without a crop and a transpose, `res` itself is returned (no copy)."""
+        before = tuple(int(s) for s in self.props["shape_before_cropping"])
+        axes = [0] + [i + 1 for i in self.pm.transpose_backward]
+        if tuple(res.shape[1:]) != before:
+            full = np.full((res.shape[0], *before), fill, dtype=np.float32)
+            if first_fill is not None:
+                full[0] = first_fill
+            res = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
+        return res if axes == sorted(axes) else np.ascontiguousarray(res.transpose(axes))
 
     def maps(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """(K, *preprocessed) -> (K, *original), outside the crop `fill`."""
-        res = self._resample(array.astype(np.float32))
-        full = np.full((res.shape[0], *self.props["shape_before_cropping"]), fill, dtype=np.float32)
-        full = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
-        return np.ascontiguousarray(full.transpose([0] + [i + 1 for i in self.pm.transpose_backward]))
+        return self._uncrop(self._resample(array), fill)
 
     def probabilities(self, probs: np.ndarray, regions: bool) -> np.ndarray:
         """Mean probabilities in the original geometry; background 1 outside the crop (nnU-Net's convention)."""
-        res = np.clip(self._resample(probs.astype(np.float32)), 0.0, 1.0)
+        res = self._resample(probs)
+        np.clip(res, 0.0, 1.0, out=res)
         if not regions:
             res /= np.clip(res.sum(0, keepdims=True), 1e-8, None)
-        full = np.zeros((res.shape[0], *self.props["shape_before_cropping"]), dtype=np.float32)
-        if not regions:
-            full[0] = 1.0
-        full = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
-        return np.ascontiguousarray(full.transpose([0] + [i + 1 for i in self.pm.transpose_backward]))
+        return self._uncrop(res, 0.0, None if regions else 1.0)
 
     @property
     def voxel_volume_ratio(self) -> float:

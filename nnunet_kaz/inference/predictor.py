@@ -11,6 +11,7 @@ cases and removes the temporaries a killed run left behind.
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +29,7 @@ from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channel
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.uncertainty.measures import normalized_entropy
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
-from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats
+from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats, accumulator_bytes_per_voxel
 
 CONFORMAL_COLUMN = "conformal_volume"  # voxels of the conformal mask (input geometry), with --conformal
 
@@ -49,6 +50,34 @@ def default_mc_batch(device: torch.device) -> int:
     return 1 if torch.device(device).type == "cpu" else 8
 
 
+def memory_budget(device: torch.device, device_memory: float | None = None) -> float:
+    """Bytes one case may use on `device`: `device_memory` if given, capped on a GPU by its free memory
+    (`torch.cuda.mem_get_info`); unlimited (inf) on the CPU without `device_memory`."""
+    budget = float("inf") if device_memory is None else float(device_memory)
+    if device.type == "cuda":
+        budget = min(budget, float(torch.cuda.mem_get_info(device)[0]))
+    return budget
+
+
+def case_placement(n_channels: int, n_voxels: int, n_samples: int, mc_batch: int, budget: float,
+                   input_channels: int = 1) -> tuple[bool, int]:
+    """(accumulators and stitched logits fit on the device, MC batch that fits) for one case (issue 15.2).
+
+    Counted per voxel of the preprocessed volume: the dense accumulators (`accumulator_bytes_per_voxel`), the
+    image and its padded copy (float32 per input channel) and the stitching weights (float16); per sample of a
+    batch, its stitched float16 logits and float32 probabilities (6 bytes per class). When even one sample does
+    not fit, the accumulators and the stitching go to (pinned) CPU memory, as nnU-Net's predictor moves its
+    logits there, and only the tiles run on the device, one sample at a time (the smallest footprint, for a
+    case that is short of memory already). Otherwise the batch is the largest that fits, at most `mc_batch`.
+    Network activations are not counted (they are per tile, not per volume)."""
+    fixed = n_voxels * (accumulator_bytes_per_voxel(n_channels, n_samples) + 8 * input_channels + 2)
+    per_sample = n_voxels * n_channels * 6
+    if fixed + per_sample > budget:
+        return False, 1
+    room = budget - fixed
+    return True, int(max(1, min(mc_batch, room // per_sample))) if np.isfinite(room) else mc_batch
+
+
 class UncertaintyPredictor:
     """Combine ensemble members (folds, seeds, snapshots) and MC-dropout samples by averaging probabilities.
 
@@ -62,8 +91,9 @@ class UncertaintyPredictor:
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
                  device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
                  verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
-                 conformal=None):
+                 conformal=None, device_memory: float | None = None):
         self.device = resolve_device(device)
+        self.device_memory = device_memory  # bytes a case may use on the device (`memory_budget`); None: all
         if self.device.type == "cuda":  # as nnUNetPredictor.__init__: cuDNN picks the fastest kernels per shape
             torch.backends.cudnn.benchmark = True
         mc_batch = default_mc_batch(self.device) if mc_batch is None else mc_batch
@@ -115,12 +145,23 @@ class UncertaintyPredictor:
             raise KazError(f"cannot read or preprocess {image_files}: {type(e).__name__}: {e}") from None
         return torch.from_numpy(np.asarray(data, dtype=np.float32)), props
 
-    def sample_case(self, data: torch.Tensor, case: str, progress: bool = False) -> AccumulatedStats:
-        """Stream every model's samples of one preprocessed case into the accumulators."""
+    def sample_case(self, data: torch.Tensor, case: str, progress: bool = False,
+                    on_cpu: bool = False) -> AccumulatedStats:
+        """Stream every model's samples of one preprocessed case into the accumulators.
+
+        The accumulators and the stitched logits live on the device when they fit its memory (`case_placement`),
+        else (or with `on_cpu`, the retry after a CUDA out-of-memory error) in pinned CPU memory; the MC batch
+        is the largest that fits, at most `mc_batch`."""
         n_heads = self.label_manager.num_segmentation_heads
-        stats = StreamingStats(n_heads, tuple(data.shape[1:]), self.regions, self.device)
         n_per_model = max(1, self.mc)
-        chunks = [min(self.mc_batch, n_per_model - i) for i in range(0, n_per_model, self.mc_batch)]
+        n_total = len(self.models) * n_per_model
+        fits, mc_batch = case_placement(n_heads, int(np.prod(data.shape[1:])), n_total, self.mc_batch,
+                                        memory_budget(self.device, self.device_memory), int(data.shape[0]))
+        results_device = self.device if fits and not on_cpu else torch.device("cpu")
+        stats = StreamingStats(n_heads, tuple(data.shape[1:]), self.regions, results_device, max_samples=n_total,
+                               pin_memory=self.device.type == "cuda")
+        self.case_mc_batch, self.case_device = mc_batch, results_device  # what this case ran with
+        chunks = [min(mc_batch, n_per_model - i) for i in range(0, n_per_model, mc_batch)]
         bar = tqdm(total=len(self.models) * n_per_model, desc=f"  {case} samples", leave=False,
                    disable=not progress)
         case_seed = zlib.crc32(case.encode())
@@ -128,20 +169,33 @@ class UncertaintyPredictor:
             net = model.ready()
             set_mc_dropout(net, self.mc > 0)
             mirror_axes = net.mirror_axes if self.mirror else None
-            for start, b in zip(range(0, n_per_model, self.mc_batch), chunks):
+            for start, b in zip(range(0, n_per_model, mc_batch), chunks):
                 # sample k's masks from its own stream (seed, case, m, k), whatever the batch (mc_batch)
                 keys = [(self.seed, case_seed, m_index, k) for k in range(start, start + b)] if self.mc > 0 else None
-                logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes, self.device,
-                                         sample_keys=keys)
-                stats.add(self.probabilities(logits))
+                logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes,
+                                         results_device, sample_keys=keys)
+                probs = self.probabilities(logits)
+                del logits  # before the next batch is stitched (one batch of logits alive at a time)
+                stats.add(probs)
+                del probs
                 bar.update(b)
         bar.close()
         return stats.result()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) logits of B samples -> each sample's probabilities with nnU-Net's own nonlinearity
-        (softmax over the classes, or sigmoid for regions), one sample at a time."""
-        return torch.stack([self.label_manager.apply_inference_nonlin(sample) for sample in logits])
+        (softmax over the classes, or sigmoid for regions), float32.
+
+        Written slab by slab of the first spatial axis into one output: nnU-Net's nonlinearity converts its
+        whole input to float32 and returns a new array, and stacking the samples copies them once more (three
+        float32 copies of the batch at once, most of the single-member peak on a 3D volume, issue 15). The
+        nonlinearity acts on each voxel's classes alone, so the slabs give the same values."""
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        rows = max(1, StreamingStats.SLAB_VOXELS // max(1, int(np.prod(logits.shape[3:]))))
+        for s in range(logits.shape[0]):
+            for z in range(0, logits.shape[2], rows):
+                out[s, :, z:z + rows] = self.label_manager.apply_inference_nonlin(logits[s, :, z:z + rows])
+        return out
 
     def finalize(self, stats: AccumulatedStats, props: dict) -> dict:
         """Maps in the input geometry and per-class scores.
@@ -149,19 +203,29 @@ class UncertaintyPredictor:
         Every uncertainty output (entropy, mutual information, variance, the scores, their maps) comes from the
         UNcalibrated samples, as paper 000 (section 2.3) and paper 002 compute them: MI = H(mean) - mean_s H(p_s)
         on the same (uncalibrated) probabilities. Calibration changes only the output probabilities and so the
-        segmentation; `calibrated_entropy` adds the entropy of the calibrated mean as its own, named map."""
+        segmentation; `calibrated_entropy` adds the entropy of the calibrated mean as its own, named map.
+
+        `stats` is consumed: each of its dense arrays is released (set to None) once it is exported, so the
+        preprocessed-space statistics and the input-geometry maps are not all alive at once (issue 15); paper
+        004's U(x) is exported one class at a time, for that class's score only."""
         geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
         raw = geo.probabilities(stats.mean, self.regions)
-        entropy = normalized_entropy(raw, self.regions).astype(np.float32)
-        sample_entropy = geo.maps(stats.mean_entropy[None])[0]
-        mi = np.clip(entropy - sample_entropy, 0.0, None)
-        variance = geo.maps(stats.variance)
-        u_sample = geo.maps(-stats.mean_plogp)  # paper 004's U(x) per class, nats
+        sample_entropy = geo.maps(stats.sample_entropy()[None])[0]
+        stats.mean_entropy = None
         ratio = geo.voxel_volume_ratio
-        rows = [{"label": label, **class_scores(stats, channel, raw[channel], u_sample[channel], ratio),
+        rows = [{"label": label, **class_scores(stats, channel, raw[channel],
+                                                geo.maps(stats.u_sample(channel)[None])[0],  # U(x), nats
+                                                ratio),
                  "n_members": len(self.models), "n_samples": stats.n_samples}
                 for channel, label in self._foreground()]
-        result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32),
+        stats.mean = stats.mean_plogp = None  # (one sample: U(x) and the entropy came from the mean)
+        entropy = normalized_entropy(raw, self.regions).astype(np.float32, copy=False)
+        mi = entropy - sample_entropy
+        np.clip(mi, 0.0, None, out=mi)
+        del sample_entropy
+        variance = geo.maps(stats.variance)
+        stats.var = None
+        result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32, copy=False),
                   "variance": variance, "scores": rows}
         if self.calibration is not None:  # the output probabilities, before thresholding (paper 000 section 2.3)
             from nnunet_kaz.postprocessing import apply_calibration
@@ -218,10 +282,29 @@ class UncertaintyPredictor:
 
     def predict_case(self, image_files: list[str], out_stem: Path, progress: bool = False) -> dict:
         data, props = self.preprocess(image_files)
-        result = self.finalize(self.sample_case(data, out_stem.name, progress), props)
+        stats = self.sample_or_retry(data, out_stem.name, progress)
+        del data  # the preprocessed image is not needed for the export
+        result = self.finalize(stats, props)
+        del stats
         result["segmentation"], result["export"] = self.segment(result["probabilities"], image_files, props)
         self.write_case(result, props, out_stem)
         return result
+
+    def sample_or_retry(self, data: torch.Tensor, case: str, progress: bool = False) -> AccumulatedStats:
+        """`sample_case`; an out-of-memory error of the device (CUDA's) while sampling redoes the case once with
+        the accumulators and the stitching in CPU memory (`on_cpu`), with one warning, instead of ending the run
+        (issue 15.2). Nothing of the case is written before its samples are complete."""
+        try:
+            return self.sample_case(data, case, progress)
+        except torch.OutOfMemoryError:  # CUDA's (the CPU allocator raises a plain RuntimeError)
+            pass
+        # outside the except block: the failed attempt's tensors, held by the traceback, are freed by now
+        from nnunetv2.utilities.helpers import empty_cache
+
+        empty_cache(self.device)
+        warnings.warn(f"{case}: out of memory on {self.device}; predicting this case again with its accumulators "
+                      "in CPU memory")
+        return self.sample_case(data, case, progress, on_cpu=True)
 
     def segment(self, probs: np.ndarray, image_files: list[str], props: dict) -> tuple[np.ndarray, np.ndarray | None]:
         """The segmentation in the input geometry: nnU-Net's argmax (or region order), or the post-processing
@@ -229,8 +312,12 @@ class UncertaintyPredictor:
         (e.g. a KAZ slice at its original 510 x 788), returned second."""
         dtype = np.uint8 if len(self.label_manager.foreground_labels) < 255 else np.uint16
         chain = self.postprocessing
-        if chain is None:
-            return np.asarray(self.label_manager.convert_probabilities_to_segmentation(probs), dtype=dtype), None
+        if chain is None:  # slab by slab into `dtype`: nnU-Net's argmax gives int64, 8 bytes per voxel at once
+            seg = np.empty(probs.shape[1:], dtype=dtype)
+            rows = max(1, StreamingStats.SLAB_VOXELS // max(1, int(np.prod(probs.shape[2:]))))
+            for z in range(0, probs.shape[1], rows):
+                seg[z:z + rows] = self.label_manager.convert_probabilities_to_segmentation(probs[:, z:z + rows])
+            return seg, None
         from nnunet_kaz.postprocessing import PostprocessingChain, Resize
 
         image = None

@@ -139,25 +139,77 @@ class PairwiseIntersections:
         self._append(row)
 
 
+def count_dtype(max_samples: int | None) -> torch.dtype:
+    """The smallest integer type that counts up to `max_samples` exactly (uint8 up to 255 samples, int16 up to
+    32767, else int32): the per-voxel counts are exact in any of them, so this is memory only (issue 15)."""
+    if max_samples is not None and max_samples <= 255:
+        return torch.uint8
+    if max_samples is not None and max_samples <= 32767:
+        return torch.int16
+    return torch.int32
+
+
+def accumulator_bytes_per_voxel(n_channels: int, max_samples: int | None = None) -> int:
+    """Bytes per voxel of `StreamingStats`' dense accumulators (running mean, M2, sum p ln p: float32 per class;
+    sum of sample entropies: float32; 0.5-counts per class in `count_dtype`), without the bit-packed masks; for
+    one sample, the sample itself (float32 per class)."""
+    if max_samples == 1:
+        return 4 * n_channels
+    return 12 * n_channels + 4 + n_channels * torch.empty(0, dtype=count_dtype(max_samples)).element_size()
+
+
+def _slabs(spatial_shape: tuple[int, ...], voxels: int) -> list[slice]:
+    """Slices of the first spatial axis, each about `voxels` voxels (at least one row)."""
+    first, rest = spatial_shape[0], int(np.prod(spatial_shape[1:]))
+    rows = max(1, voxels // max(rest, 1))
+    return [slice(z, min(z + rows, first)) for z in range(0, first, rows)]
+
+
 @dataclass
 class AccumulatedStats:
-    """What the maps and scores need, in the space the samples were added in (see `StreamingStats`)."""
+    """What the maps and scores need, in the space the samples were added in (see `StreamingStats`).
+
+    The arrays share the accumulators' memory where they lie on the CPU (no copy at the end of a case); a
+    consumer that is done with one may set it to None to free it before the next one is exported."""
 
     n_samples: int
     mean: np.ndarray            # (C, *spatial) mean probability (paper 002 eq. 3)
-    mean_sq: np.ndarray         # (C, *spatial) mean of squared probabilities (= var + mean^2)
-    mean_plogp: np.ndarray      # (C, *spatial) (1/N) sum_i p_i ln p_i, per class
-    mean_entropy: np.ndarray    # (*spatial) (1/N) sum_i normalized_entropy(p_i)
-    counts: np.ndarray          # (C, *spatial) number of samples with p_i >= 0.5
+    var: np.ndarray | None      # (C, *spatial) population variance (Welford); None: one sample, all 0
+    mean_plogp: np.ndarray | None  # (C, *spatial) (1/N) sum_i p_i ln p_i per class; None: from `mean` (1 sample)
+    mean_entropy: np.ndarray | None  # (*spatial) (1/N) sum_i normalized_entropy(p_i); None: from `mean`
+    counts: np.ndarray          # (C, *spatial) number of samples with p_i >= 0.5 (`count_dtype`)
     volumes: np.ndarray         # (N, C) voxels with p_i >= 0.5, per sample and class
-    var: np.ndarray | None = None  # (C, *spatial) population variance (Welford); None: from mean_sq
     intersections: dict[int, np.ndarray] | None = None  # channel -> (N, N) |S_i & S_j| of the 0.5-masks
+    pairwise_nbytes: int = 0    # bytes the bit-packed sample masks held (the exact pairwise Dice's memory)
+
+    regions: bool = False
 
     @property
     def variance(self) -> np.ndarray:
-        if self.var is not None:
-            return self.var
-        return np.clip(self.mean_sq - self.mean ** 2, 0.0, None)
+        return self.var if self.var is not None else np.zeros(self.counts.shape, dtype=np.float32)  # N = 1: 0
+
+    def sample_entropy(self) -> np.ndarray:
+        """(*spatial) mean normalised entropy of the samples; of the one sample `mean` is when it was not stored
+        (`batch_normalized_entropy`, slab by slab)."""
+        if self.mean_entropy is not None:
+            return self.mean_entropy
+        mean = torch.from_numpy(self.mean)
+        out = torch.empty(mean.shape[1:], dtype=torch.float32)
+        for sl in _slabs(tuple(mean.shape[1:]), StreamingStats.SLAB_VOXELS):
+            out[sl] = batch_normalized_entropy(mean[None, :, sl], self.regions)[0]
+        return out.numpy()
+
+    def u_sample(self, channel: int) -> np.ndarray:
+        """Paper 004's U(x) = -(1/N) sum_i p_i ln p_i of one class (nats)."""
+        if self.mean_plogp is not None:
+            return -self.mean_plogp[channel]
+        p = torch.from_numpy(self.mean[channel])
+        return torch.xlogy(p, p).neg_().numpy()
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        """(C, *spatial) mean of squared probabilities, var + mean^2 (computed on demand: a new array)."""
+        return self.var + self.mean * self.mean
 
     def pairwise_dice(self, channel: int) -> float:
         """Paper 004's exact mean pairwise Dice of the samples' 0.5-thresholded masks of `channel`
@@ -172,42 +224,92 @@ class StreamingStats:
 
     `pairwise_channels`: channels whose sample masks are kept bit-packed for the exact pairwise Dice
     (default: every foreground channel, i.e. all channels for regions, channels 1.. for softmax; () for none).
+    `max_samples`: the number of samples that will be added, if known: the counts then use the smallest exact
+    integer type (`count_dtype`). `pin_memory`: CPU accumulators in page-locked memory (the GPU fallback: device
+    batches are copied into them slab by slab).
+
+    Memory (issue 15, measured in benchmarks/bench_predict_3d.py): the dense accumulators hold
+    `accumulator_bytes_per_voxel` (13 C + 4 bytes for up to 255 samples, 14 C + 4 up to 32767); `add` works through the
+    batch in slabs of the first spatial axis of about `SLAB_VOXELS` voxels, so its temporaries (batch mean,
+    deltas, squares, p ln p, entropies, masks: ~10 float32 copies of the batch when done on the whole volume,
+    which was most of the predictor's peak on 3D volumes) are bounded by a few MiB whatever the volume. Every
+    voxel's arithmetic is the same as on the whole volume, so the results are identical (bit for bit).
     """
 
+    SLAB_VOXELS = 1 << 18
+
     def __init__(self, n_channels: int, spatial_shape: tuple[int, ...], regions: bool = False,
-                 device: torch.device | str = "cpu", pairwise_channels: Sequence[int] | None = None):
+                 device: torch.device | str = "cpu", pairwise_channels: Sequence[int] | None = None,
+                 max_samples: int | None = None, pin_memory: bool = False):
         self.regions = regions
-        shape = (n_channels, *spatial_shape)
-        self.sum_mean = torch.zeros(shape, dtype=torch.float32, device=device)  # running mean (Welford)
-        self.m2 = torch.zeros(shape, dtype=torch.float32, device=device)        # sum of squared deviations
-        self.sum_plogp = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.sum_entropy = torch.zeros(spatial_shape, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        shape = (n_channels, *self.spatial_shape)
+        device = torch.device(device)
+        pin = bool(pin_memory) and device.type == "cpu" and torch.cuda.is_available()
+
+        def zeros(size, dtype=torch.float32):
+            return torch.zeros(size, dtype=dtype, device=device, pin_memory=pin)
+
+        self.shape, self.device, self.max_samples = shape, device, max_samples
+        # one sample (one member, no MC): nothing is accumulated, the sample is kept as the mean and everything
+        # else derived from it on demand (var 0, p ln p, entropy, counts: the values the accumulators give for
+        # N = 1). On a 3D volume this keeps 4 C instead of 13 C + 4 bytes per voxel (bench_predict_3d).
+        self.single = max_samples == 1
+        if self.single:
+            self.sum_mean = self.m2 = self.sum_plogp = self.sum_entropy = self.counts = None
+        else:
+            self.sum_mean = zeros(shape)  # running mean (Welford)
+            self.m2 = zeros(shape)        # sum of squared deviations
+            self.sum_plogp = zeros(shape)
+            self.sum_entropy = zeros(self.spatial_shape)
+            self.counts = zeros(shape, count_dtype(max_samples))
         self.volumes: list[np.ndarray] = []
         if pairwise_channels is None:
             pairwise_channels = range(n_channels) if regions else range(1, n_channels)
-        self.pairwise = {int(c): PairwiseIntersections(spatial_shape) for c in pairwise_channels}
+        self.pairwise = {int(c): PairwiseIntersections(self.spatial_shape) for c in pairwise_channels}
+        self._result: AccumulatedStats | None = None
+
+    def _slabs(self) -> list[slice]:
+        return _slabs(self.spatial_shape, self.SLAB_VOXELS)
 
     @torch.no_grad()
     def add(self, probs: torch.Tensor) -> None:
-        probs = probs.to(self.sum_mean.device, torch.float32)
-        if probs.ndim == self.sum_mean.ndim:
+        if self._result is not None:
+            raise ValueError("samples added after result(): the accumulators were turned into the statistics")
+        if probs.ndim == len(self.shape):
             probs = probs[None]
+        if tuple(probs.shape[1:]) != self.shape:
+            raise ValueError(f"probabilities of shape {tuple(probs.shape[1:])} added to accumulators of shape "
+                             f"{self.shape}")
         n_before, b = self.n_samples, probs.shape[0]
+        if self.max_samples is not None and n_before + b > self.max_samples:
+            raise ValueError(f"{n_before + b} samples added to accumulators sized for {self.max_samples}")
+        if self.single:
+            self.sum_mean = probs[0].to(self.device, torch.float32)  # kept as is when float32 on this device
+            self.volumes.append((probs[0] >= 0.5).flatten(1).sum(-1).cpu().numpy())
+            self._add_masks(probs)
+            return
         n_after = n_before + b
-        batch_mean = probs.mean(0)
-        delta = batch_mean - self.sum_mean
-        self.sum_mean += delta * (b / n_after)
-        self.m2 += ((probs - batch_mean) ** 2).sum(0) + delta * delta * (n_before * b / n_after)
-        self.sum_plogp += torch.xlogy(probs, probs).sum(0)
-        self.sum_entropy += batch_normalized_entropy(probs, self.regions).sum(0)
-        binary = probs >= 0.5
-        self.counts += binary.sum(0, dtype=torch.int32)
-        self.volumes.extend(binary.flatten(2).sum(-1).cpu().numpy())
+        volumes = torch.zeros((b, probs.shape[1]), dtype=torch.int64)
+        for sl in self._slabs():  # Chan et al.'s batched Welford update, slab by slab (class docstring)
+            p = probs[:, :, sl].to(self.sum_mean.device, torch.float32)
+            mean, m2 = self.sum_mean[:, sl], self.m2[:, sl]
+            batch_mean = p.mean(0)
+            delta = batch_mean - mean
+            mean += delta * (b / n_after)
+            m2 += ((p - batch_mean) ** 2).sum(0) + delta * delta * (n_before * b / n_after)
+            self.sum_plogp[:, sl] += torch.xlogy(p, p).sum(0)
+            self.sum_entropy[sl] += batch_normalized_entropy(p, self.regions).sum(0)
+            binary = p >= 0.5
+            self.counts[:, sl] += binary.sum(0, dtype=self.counts.dtype)
+            volumes += binary.flatten(2).sum(-1).cpu()
+        self.volumes.extend(volumes.numpy())
+        self._add_masks(probs)
+
+    def _add_masks(self, probs: torch.Tensor) -> None:
         for channel, acc in self.pairwise.items():
-            masks = binary[:, channel].cpu().numpy()
-            for mask in masks:
-                acc.add(mask)
+            for s in range(probs.shape[0]):  # one whole-volume mask (1 byte per voxel) at a time
+                acc.add((probs[s, channel] >= 0.5).cpu().numpy())
 
     @property
     def n_samples(self) -> int:
@@ -219,12 +321,25 @@ class StreamingStats:
         return sum(acc.nbytes for acc in self.pairwise.values())
 
     def result(self) -> AccumulatedStats:
+        """The statistics, computed in place: on the CPU the arrays ARE the accumulators (no copy), so nothing
+        can be added afterwards; later calls return the same object."""
+        if self._result is not None:
+            return self._result
         n = self.n_samples
         if n == 0:
             raise ValueError("no samples were added")
         mean = self.sum_mean.cpu().numpy()
-        var = (self.m2 / n).clamp_min_(0.0).cpu().numpy()
-        return AccumulatedStats(n, mean, var + mean * mean, (self.sum_plogp / n).cpu().numpy(),
-                                (self.sum_entropy / n).cpu().numpy(), self.counts.cpu().numpy(),
-                                np.stack(self.volumes).astype(np.int64), var=var,
-                                intersections={c: acc.inter.copy() for c, acc in self.pairwise.items()})
+        if self.single:
+            var = plogp = entropy = None
+            counts = (self.sum_mean >= 0.5).to(count_dtype(1)).cpu().numpy()
+        else:
+            var = self.m2.div_(n).clamp_min_(0.0).cpu().numpy()
+            plogp = self.sum_plogp.div_(n).cpu().numpy()
+            entropy = self.sum_entropy.div_(n).cpu().numpy()
+            counts = self.counts.cpu().numpy()
+        nbytes = self.pairwise_nbytes
+        self.sum_mean = self.m2 = self.sum_plogp = self.sum_entropy = None
+        self._result = AccumulatedStats(n, mean, var, plogp, entropy, counts, np.stack(self.volumes).astype(np.int64),
+                                        intersections={c: acc.inter.copy() for c, acc in self.pairwise.items()},
+                                        pairwise_nbytes=nbytes, regions=self.regions)
+        return self._result

@@ -1,0 +1,200 @@
+"""Issue 15: the memory-bounded accumulation and export give today's outputs, and the GPU fallbacks (accumulators
+in CPU memory, a smaller MC batch, the retry after an out-of-memory error) are exercised on the CPU by forcing them.
+
+The reference is computed independently of the streaming code: the predictor's own seeded logits are recorded as
+it produces them, turned into probabilities by numpy (float64 softmax), accumulated over the whole volume by numpy
+and brought to the input geometry the straightforward way (all channels resampled at once by the configuration's
+nnU-Net resampling function, put back into the crop, transposed back).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_kaz.inference import UncertaintyPredictor, parse_member
+from nnunet_kaz.inference.export import GeometryRestorer
+from nnunet_kaz.inference.predictor import case_placement
+from nnunet_kaz.uncertainty import class_scores
+from nnunet_kaz.uncertainty.streaming import AccumulatedStats, accumulator_bytes_per_voxel
+from tests.conftest import nnunet_env, run, shrink_plans
+
+pytestmark = pytest.mark.integration
+
+DROPOUT = "nnUNetTrainerDropout_p02_debug"
+KITS_ID, KITS = 992, "Dataset992_KitsMemory"
+TEST_SHAPE, TEST_SPACING = (11, 41, 37), (3.1, 0.9, 0.7)  # resampled to the plans' spacing, not patch-sized
+
+
+@pytest.fixture(scope="module")
+def kits_member(tmp_path_factory):
+    """A 3D dropout member trained by `nnUNetv2_train` on a tiny kits3d phantom, and one anisotropic test volume
+    of another spacing (so the export resamples) and a size no patch divides."""
+    from nnunet_kaz.datasets import kits3d_case, make_kits3d_dataset
+
+    root = tmp_path_factory.mktemp("kitsmem")
+    env = nnunet_env(root)
+    make_kits3d_dataset(root / "nnUNet_raw" / KITS, n_cases=5, seed=2, shape=(16, 32, 32), spacing=(2.5, 0.8, 0.8))
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(KITS_ID), "-c", "3d_fullres", "-np", "1"],
+        dict(env, nnUNet_n_proc_DA="1"))
+    shrink_plans(root / "nnUNet_preprocessed", KITS, "nnUNetPlans", "nnUNetTinyPlans", 8)
+    run(["nnUNetv2_train", str(KITS_ID), "3d_fullres", "0", "-tr", DROPOUT, "-p", "nnUNetTinyPlans", "-device",
+         "cpu"], env)
+    image, _ = kits3d_case(5, 0, TEST_SHAPE, TEST_SPACING)
+    (root / "in").mkdir()
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing(tuple(reversed(TEST_SPACING)))
+    sitk.WriteImage(img, str(root / "in" / "VOL_0000.nii.gz"))
+    return root / "nnUNet_results" / KITS / f"{DROPOUT}__nnUNetTinyPlans__3d_fullres", root / "in"
+
+
+@pytest.fixture(scope="module", params=["2d", "3d"])
+def member(request, tiny_kaz):
+    if request.param == "2d":
+        return tiny_kaz.train(DROPOUT), tiny_kaz.raw / "imagesTs"
+    return request.getfixturevalue("kits_member")
+
+
+def predictor_of(folder, **kw) -> UncertaintyPredictor:
+    return UncertaintyPredictor([parse_member(f"{folder}:0"), parse_member(f"{folder}:0")], mc=3, device="cpu",
+                                verbose=False, **kw)
+
+
+def first_image(images) -> str:
+    return str(sorted(images.glob("*_0000.*"))[0])
+
+
+def to_input_geometry(predictor, props, array: np.ndarray, fill: float = 0.0, background: bool = False):
+    """(K, *preprocessed) -> (K, *input): every channel at once through nnU-Net's resampling, as before issue 15."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    spacing_t = [props["spacing"][i] for i in pm.transpose_forward]
+    shape = props["shape_after_cropping_and_before_resampling"]
+    current = cm.spacing if len(cm.spacing) == len(shape) else [spacing_t[0], *cm.spacing]
+    res = np.asarray(cm.resampling_fn_probabilities(array.astype(np.float32), shape, current, spacing_t), np.float32)
+    if background:
+        res = np.clip(res, 0, 1)
+        res /= np.clip(res.sum(0, keepdims=True), 1e-8, None)
+    full = np.full((res.shape[0], *props["shape_before_cropping"]), fill, dtype=np.float32)
+    if background:
+        full[0] = 1.0
+    full = insert_crop_into_image(full, res, props["bbox_used_for_cropping"])
+    return full.transpose([0] + [i + 1 for i in pm.transpose_backward])
+
+
+def test_outputs_equal_a_whole_volume_numpy_accumulation_of_the_same_samples(member, tmp_path):
+    """Mean, variance, entropy, MI and every score, 2D and resampled anisotropic 3D, 2 models x 3 samples in
+    batches of 2: float32 streaming against float64 numpy, probabilities / entropy / MI within 2e-5 absolute,
+    variance within 1e-3 relative + 1e-6, scores within 1e-4 relative (the pairwise-Dice counts exactly)."""
+    folder, images = member
+    predictor = predictor_of(folder, mc_batch=2)
+    logits = []
+    own = predictor.probabilities
+
+    def recording(batch):
+        logits.append(batch.double().numpy().copy())
+        return own(batch)
+
+    predictor.probabilities = recording
+    result = predictor.predict_case([first_image(images)], tmp_path / "case")
+    _, props = predictor.preprocess([first_image(images)])
+    z = np.concatenate(logits)                                   # (6, C, *preprocessed)
+    assert z.shape[0] == 6
+    s = np.exp(z - z.max(1, keepdims=True))
+    s /= s.sum(1, keepdims=True)                                 # softmax in float64
+    assert not np.allclose(s[0], s[1])                           # MC samples differ
+    n_classes = s.shape[1]
+    h = -(s * np.log(np.clip(s, 1e-300, None))).sum(1) / np.log(n_classes)  # normalised entropy per sample
+
+    probs = to_input_geometry(predictor, props, s.mean(0), background=True)
+    np.testing.assert_allclose(result["probabilities"], probs, atol=2e-5)
+    with np.load(tmp_path / "case.npz") as f:
+        np.testing.assert_array_equal(f["probabilities"], result["probabilities"])
+    entropy = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(0) / np.log(n_classes)
+    np.testing.assert_allclose(result["entropy"], entropy, atol=2e-5)
+    mi = np.clip(entropy - to_input_geometry(predictor, props, h.mean(0)[None])[0], 0, None)
+    np.testing.assert_allclose(result["mutual_information"], mi, atol=2e-5)
+    assert result["mutual_information"].max() > 1e-3
+    np.testing.assert_allclose(result["variance"], to_input_geometry(predictor, props, s.var(0)), rtol=1e-3,
+                               atol=1e-6)
+
+    masks = s >= 0.5
+    volumes = masks.reshape(6, n_classes, -1).sum(-1)
+    inter = {c: np.array([[(a & b).sum() for b in masks[:, c]] for a in masks[:, c]]) for c in range(1, n_classes)}
+    ref = AccumulatedStats(6, s.mean(0), s.var(0), (s * np.log(np.clip(s, 1e-300, None))).mean(0), h.mean(0),
+                           masks.sum(0), volumes, intersections=inter)
+    u = to_input_geometry(predictor, props, -ref.mean_plogp)
+    ratio = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props).voxel_volume_ratio
+    for row, (channel, label) in zip(result["scores"], predictor._foreground()):
+        expected = class_scores(ref, channel, probs[channel], u[channel], ratio)
+        assert row["label"] == label and row["n_samples"] == 6
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (label, key)
+
+
+def test_forced_cpu_fallback_and_bounded_mc_batch_give_identical_outputs(kits_member, tmp_path):
+    """A memory budget of 1 byte forces the GPU's fallback path on the CPU: accumulators and stitching in CPU
+    memory, the requested MC batch of 3 bounded to 1; the outputs equal those of an unbounded run asked for
+    batches of 1 (the same samples), bit for bit. With room for exactly two samples the batch is 2."""
+    folder, images = kits_member
+    image = first_image(images)
+    free = predictor_of(folder, mc_batch=1)
+    forced = predictor_of(folder, mc_batch=3, device_memory=1)
+    for d in ("free", "forced"):
+        (tmp_path / d).mkdir()
+    a = free.predict_case([image], tmp_path / "free" / "VOL")  # same case name: same dropout streams
+    assert (free.case_mc_batch, free.case_device.type) == (1, "cpu")
+    b = forced.predict_case([image], tmp_path / "forced" / "VOL")
+    assert (forced.case_mc_batch, forced.case_device.type) == (1, "cpu")
+    for key in ("probabilities", "entropy", "mutual_information", "variance", "segmentation"):
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    for x, y in zip(a["scores"], b["scores"]):
+        assert x == pytest.approx(y, nan_ok=True)
+    data, _ = forced.preprocess([image])
+    voxels, classes = int(np.prod(data.shape[1:])), free.label_manager.num_segmentation_heads
+    two = voxels * (accumulator_bytes_per_voxel(classes, 6) + 8 + 2 + 2 * 6 * classes)
+    assert case_placement(classes, voxels, 6, 3, two) == (True, 2)
+
+
+def test_out_of_memory_during_a_case_retries_it_on_the_cpu_path_with_one_warning(kits_member, tmp_path,
+                                                                                   monkeypatch):
+    """The first sampling attempt of every case raises CUDA's out-of-memory error (forced: there is no GPU
+    here); the run goes on, each case is redone on the CPU path with one warning, outputs as without the error."""
+    folder, images = kits_member
+    normal = predictor_of(folder, mc_batch=1)
+    normal.predict_folder(images, tmp_path / "normal")
+    calls = []
+    sample_case = UncertaintyPredictor.sample_case
+
+    def failing_once(self, data, case, progress=False, on_cpu=False):
+        calls.append(on_cpu)
+        if not on_cpu:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return sample_case(self, data, case, progress, on_cpu)
+
+    monkeypatch.setattr(UncertaintyPredictor, "sample_case", failing_once)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor_of(folder, mc_batch=1).predict_folder(images, tmp_path / "retried")
+    oom = [w for w in caught if "out of memory" in str(w.message)]
+    assert len(oom) == 1 and "VOL" in str(oom[0].message) and calls == [False, True]
+    for name in ("VOL.npz", "VOL_uncertainty.npz"):
+        with np.load(tmp_path / "normal" / name) as x, np.load(tmp_path / "retried" / name) as y:
+            for key in x.files:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_case_placement_by_hand():
+    """4 classes, 10 samples (uint8 counts: 13 x 4 + 4 = 56 bytes), 1 input channel (8 bytes), weights 2:
+    66 bytes per voxel fixed, 24 per sample of a batch."""
+    assert accumulator_bytes_per_voxel(4, 10) == 56 and accumulator_bytes_per_voxel(4, 300) == 60
+    assert accumulator_bytes_per_voxel(4, None) == 68
+    voxels = 1000
+    assert case_placement(4, voxels, 10, 8, float("inf")) == (True, 8)
+    assert case_placement(4, voxels, 10, 8, 66_000 + 3 * 24_000 + 5) == (True, 3)   # room for 3 samples
+    assert case_placement(4, voxels, 10, 8, 66_000 + 24_000 - 1) == (False, 1)     # not even one: fallback
+    assert case_placement(4, voxels, 10, 2, 10 ** 9) == (True, 2)                  # never above the request
