@@ -52,10 +52,12 @@ def default_mc_batch(device: torch.device) -> int:
 
 def memory_budget(device: torch.device, device_memory: float | None = None) -> float:
     """Bytes one case may use on `device`: `device_memory` if given, capped on a GPU by its free memory
-    (`torch.cuda.mem_get_info`); unlimited (inf) on the CPU without `device_memory`."""
+    (`torch.cuda.mem_get_info`, plus what torch's caching allocator holds unused); unlimited (inf) on the CPU
+    without `device_memory`."""
     budget = float("inf") if device_memory is None else float(device_memory)
     if device.type == "cuda":
-        budget = min(budget, float(torch.cuda.mem_get_info(device)[0]))
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, float(torch.cuda.mem_get_info(device)[0] + cached))
     return budget
 
 
