@@ -197,7 +197,11 @@ def report(r: dict) -> str:
         "(13 C + 4 bytes per voxel), so it is not bounded further.",
         f"- The stock and our 1-member mean probabilities differ by at most {r['max_abs_prob_diff']:.1e} "
         "(float16 stitching on both sides).",
-        "- Stock `nnUNetv2_predict -nps 1` exports (resampling, softmax, the probability file, the segmentation) in a spawned worker process, whose memory is not in the main process's ru_maxrss: stock's figures are its sliding-window process alone (the logits and the image), ours include the whole export in one process.",
+        "- Stock `nnUNetv2_predict -npp 1 -nps 1` reads and preprocesses in one worker process and exports "
+        "(resampling, softmax, the probability file, the segmentation) in another, whose memory is not in the main "
+        "process's ru_maxrss: stock's figures are its sliding-window process alone (the logits and the image), "
+        "and they vary by a few hundred MiB from run to run of the same command with how the workers' arrays "
+        "arrive; ours does everything in one process.",
         "- Projected columns and rows are computed, not measured: small-volume peak + measured bytes per voxel x "
         "the extra voxels of a 512x512x500 KiTS23 3d_fullres case (131 M voxels); activations are per tile and "
         "do not grow with the volume.",
