@@ -26,7 +26,9 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = UncertaintyPredictor(members, mc=args.mc, mirror=args.mirror, tile_step_size=args.tile_step_size,
                                      device=args.device, mc_batch=args.mc_batch, seed=args.seed,
                                      calibration=calibration, postprocessing=chain,
-                                     calibrated_entropy=args.calibrated_entropy, conformal=conformal)
+                                     calibrated_entropy=args.calibrated_entropy, conformal=conformal,
+                                     device_memory=None if args.device_memory is None else args.device_memory * 2**30,
+                                     verbose=not args.quiet)
     scores = predictor.predict_folder(args.i, args.o, args.overwrite, args.num_parts, args.part_id)
     print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s); outputs and scores.csv "
           f"({len(scores)} rows) in {args.o}")
@@ -50,7 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_member(p, many=True)
     p.add_argument("--mc", type=int, default=0, help="MC-dropout samples per model (0: dropout off)")
     p.add_argument("--mc-batch", type=int, default=None,
-                   help="samples predicted together per tile (default: 1 on CPU, 8 on GPU)")
+                   help="samples predicted together per tile (default: 1 on CPU, 8 on GPU; on a GPU bounded by "
+                        "the memory a case may use)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                   help="GiB one case may use on the device (default: the GPU's free memory); accumulators that "
+                        "do not fit go to pinned CPU memory")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring as nnU-Net (off by default)")
     o.add_step(p)
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
@@ -69,4 +75,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "miss rate, from the output probabilities (calibrated with "
                                                   "--calibration: fit it on the same kind of probabilities)")
     o.add_device(p)
+    o.add_quiet(p)
     p.set_defaults(func=_predict)
