@@ -6,14 +6,24 @@ Every step runs the command a user would type (printed before it runs), inside O
 3. `nnUNetv2_plan_and_preprocess` (stock);
 4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1, and `-tr XBoundNetTrainerSGDR_demo`
    (two SGDR cycles, snapshots);
-5. `nnunet-kaz predict` on the fold-0 validation patients with the fold-0 seed ensemble and MC dropout, and
-   `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices);
+5. `nnunet-kaz predict` on the fold-0 validation patients with the fold-0 seed ensemble and MC dropout,
+   `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices)
+   and `nnunet-kaz conformal fit` on the same uncalibrated probabilities (conformal risk control: expected
+   false-negative rate of the ablation zone <= alpha = 0.1);
 6. `nnunet-kaz predict` for each method: single model, fold ensemble, MC dropout, seed ensemble, SGDR
-   snapshots, 2 seeds x 2 folds x MC dropout, the fold-0 seed ensemble x MC, and that calibrated and
-   post-processed;
+   snapshots, 2 seeds x 2 folds x MC dropout, the fold-0 seed ensemble x MC (with `--conformal`: the
+   conformal masks), and that calibrated and post-processed;
 7. `nnunet-kaz compare` (metrics, ECE, reliability diagrams, uncertainty against error, scores against Dice);
-8. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
-9. `report.html`, self-contained.
+8. `nnunet-kaz evaluate --raters` per method (NCC and ROI AUROC of the uncertainty map against where the
+   annotation and the true zone disagree), for the fold-0 seed ensemble x MC with `--conformal` (realised
+   false-negative rate per case against alpha);
+9. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
+10. the KiTS23 3D part: `nnunet-kaz phantom --kind kits3d --format kits23` (three raters per case) ->
+   `nnunet-kaz convert-kits23 --regions` -> `nnunet-kaz splits` -> `nnunet-kaz plan -c 3d_fullres` ->
+   `nnUNetv2_train ... -p nnUNetXBoundNetPlans -tr XBoundNetTrainer_demo` (fold 0) -> `nnunet-kaz predict --mc`
+   on fold 0's validation cases -> `nnunet-kaz evaluate --kits23 --uncertainty --raters` (region Dice and
+   Surface Dice, failure detection, rater agreement);
+11. `report.html`, self-contained.
 OUT/nnUNet_raw, OUT/nnUNet_preprocessed and OUT/nnUNet_results are the nnU-Net folders. A step whose outputs
 exist is skipped, so a second run reuses finished work (`--fresh` starts over).
 """
@@ -37,6 +47,14 @@ PLANS = "nnUNetPlans"
 SEEDS = (0, 1)
 FOLDS = (0, 1)
 SGDR = "XBoundNetTrainerSGDR_demo"
+LABEL = "ablation_zone"  # the demo dataset.json's foreground label
+ALPHA = 0.1  # conformal risk control: bound on the expected false-negative rate
+K23_ID = 503
+K23_NAME = "KiTS23Phantom"
+K23_DATASET = f"Dataset{K23_ID:03d}_{K23_NAME}"
+K23_CONFIG = "3d_fullres"
+K23_PLANS = "nnUNetXBoundNetPlans"
+K23_TRAINER = "XBoundNetTrainer_demo"
 
 
 def seeded(seed: int) -> str:
@@ -51,10 +69,11 @@ def _bin(name: str) -> str:
 
 class Demo:
     def __init__(self, out: Path, n_patients: int, n_test: int, size: int, original: tuple[int, int], seed: int,
-                 mc: int):
+                 mc: int, k23_cases: int = 12, k23_size: tuple[int, int, int] = (16, 32, 32), k23_mc: int = 5):
         self.out = out.resolve()
         self.n_patients, self.n_test, self.size, self.original, self.seed, self.mc = \
             n_patients, n_test, size, original, seed, mc
+        self.k23_cases, self.k23_size, self.k23_mc = k23_cases, tuple(k23_size), k23_mc
         self.raw = self.out / "nnUNet_raw"
         self.pre = self.out / "nnUNet_preprocessed"
         self.res = self.out / "nnUNet_results"
@@ -92,6 +111,15 @@ class Demo:
     def results(self, trainer: str) -> Path:
         return self.res / DATASET / f"{trainer}__{PLANS}__{CONFIG}"
 
+    def link_cases(self, cases: list[str], images: Path, folder: Path, ending: str) -> Path:
+        """`folder` with symlinks {case}_0000{ending} -> images/{case}_0000{ending} (predict's input)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            link = folder / f"{case}_0000{ending}"
+            if not link.exists():
+                link.symlink_to(images / f"{case}_0000{ending}")
+        return folder
+
     # --- steps ----------------------------------------------------------------------------------------
     def make_data(self) -> None:
         bmp = self.out / "kaz_bmp"
@@ -100,7 +128,7 @@ class Demo:
                       "-n", str(self.n_patients), "--seed", str(self.seed), "--size", *map(str, self.original)])
         if self.step("2. Convert to an nnU-Net dataset with patient-wise splits", self.dataset / "dataset.json"):
             self.run(["nnunet-kaz", "convert-kaz", "--images", str(bmp / "images"), "--masks", str(bmp / "masks"),
-                      "--truth", str(bmp / "truth"), "--id", str(DATASET_ID), "--name", NAME,
+                      "--truth", str(bmp / "truth"), "-d", str(DATASET_ID), "--name", NAME,
                       "--resize", str(self.size), "--test-patients", str(self.n_test)])
 
     def plan(self) -> None:
@@ -133,22 +161,32 @@ class Demo:
         if self.step("5. Predict the fold-0 validation patients with the fold-0 seed ensemble x MC dropout",
                      val_preds / "scores.csv"):
             splits = json.loads((self.pre / DATASET / "splits_final.json").read_text())
-            val_images.mkdir(parents=True, exist_ok=True)
-            for case in splits[0]["val"]:
-                link = val_images / f"{case}_0000.png"
-                if not link.exists():
-                    link.symlink_to(self.dataset / "imagesTr" / f"{case}_0000.png")
+            self.link_cases(splits[0]["val"], self.dataset / "imagesTr", val_images, ".png")
             self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(val_preds), *self.fold0_ensemble,
                       "-device", "cpu"])
         if self.step("5. Fit logistic calibration on those validation probabilities", calib):
             self.run(["nnunet-kaz", "calibrate", "--probs", str(val_preds), "--gt", str(self.dataset / "labelsTr"),
                       "-o", str(calib), "--method", "logistic"])
+        if self.step(f"5. Fit conformal risk control (expected FNR of {LABEL} <= {ALPHA}) on the same, uncalibrated, "
+                     "validation probabilities", self.conformal_json):
+            self.run(["nnunet-kaz", "conformal", "fit", "--probs", str(val_preds), "--gt",
+                      str(self.dataset / "labelsTr"), "--label", LABEL, "--alpha", str(ALPHA), "-o",
+                      str(self.conformal_json), "-q"])
         chain = self.out / "postprocessing.json"
         if not chain.exists():
             from nnunet_kaz.postprocessing import PostprocessingChain
 
             PostprocessingChain.paper000(size=list(self.original), threshold=0.4, radius_mm=1.0).save(chain)
         return calib
+
+    @property
+    def conformal_json(self) -> Path:
+        return self.out / "conformal.json"
+
+    @property
+    def conformal_method(self) -> str:
+        """The method predicted with --conformal: the ensemble whose validation probabilities were fitted."""
+        return f"2 seeds (fold 0) x MC {self.mc // 2}"
 
     @property
     def fold0_ensemble(self) -> list[str]:
@@ -165,7 +203,7 @@ class Demo:
             "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0"],
             "SGDR snapshots": ["-m", f"{sgdr}:0:snapshots"],
             f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", f"{s0}:0,1", f"{s1}:0,1", "--mc", str(self.mc // 2)],
-            f"2 seeds (fold 0) x MC {self.mc // 2}": self.fold0_ensemble,
+            self.conformal_method: [*self.fold0_ensemble, "--conformal", str(self.conformal_json)],
             "+ calibration + post-processing": [*self.fold0_ensemble, "--calibration",
                                                 str(self.out / "calibration.json"), "--postprocessing",
                                                 str(self.out / "postprocessing.json")],
@@ -202,21 +240,113 @@ class Demo:
               f"{table.loc[before, 'ece_roi']:.4f} -> {table.loc[after, 'ece_roi']:.4f}")
         return out
 
+    def evaluate_raters(self, folders: dict[str, Path]) -> dict[str, Path]:
+        """Per method: NCC / ROI AUROC of its entropy map against the annotation-vs-true-zone disagreement
+        (convert-kaz's raterDisagreementTs/); the conformal method also gets its realised FNR (evaluate
+        --conformal, when this nnunet-kaz has it; the report otherwise computes it from the masks)."""
+        has_conformal = "--conformal" in subprocess.run([_bin("nnunet-kaz"), "evaluate", "--help"], env=self.env,
+                                                        capture_output=True, text=True).stdout
+        out = {}
+        for name, folder in folders.items():
+            target = self.out / "evaluations" / folder.name
+            out[name] = target
+            extra = ["--conformal", str(folder)] if name == self.conformal_method and has_conformal else []
+            what = " and the conformal masks' realised FNR" if extra else ""
+            if self.step(f"8. Rater agreement{what}: {name}", target / "rater_agreement.csv"):
+                self.run(["nnunet-kaz", "evaluate", "--pred", str(folder), "--gt", str(self.dataset / "labelsTs"),
+                          "--uncertainty", str(folder), "--raters", str(self.dataset / "raterDisagreementTs"),
+                          "--figure-cases", "0", *extra, "-o", str(target), "-q"], quiet=True)
+        from nnunet_kaz.demo_report import rater_summary
+
+        rows = []
+        for name, target in out.items():
+            r = rater_summary(target)
+            rows.append(f"    {name:<34} NCC {r['mean_ncc']:.3f}  ROI AUROC {r['mean_roi_auroc']:.3f}"
+                        + (f" (pooled {r['pooled_roi_auroc']:.3f})" if "pooled_roi_auroc" in r else ""))
+        print("  rater agreement (mean over test slices):\n" + "\n".join(rows))
+        return out
+
     def explain(self) -> Path:
         image = sorted((self.dataset / "imagesTs").glob("*_0000.png"))[len(list((self.dataset / "imagesTs")
                                                                                   .glob("*_0000.png"))) // 2]
         out = self.out / "explain"
         grid = out / image.name.replace("_0000.png", "_gradcam.png")
-        if self.step("8. Layer-wise Grad-CAM of one test case (seed 0, fold 0)", grid):
+        if self.step("9. Layer-wise Grad-CAM of one test case (seed 0, fold 0)", grid):
             self.run(["nnunet-kaz", "explain", "-i", str(image), "-m", f"{self.results(seeded(0))}:0", "-o", str(out),
                       "--target", "gt", "--gt", str(self.dataset / "labelsTs")])
         return grid
 
-    def report(self, folders: dict[str, Path], comparison: Path, gradcam: Path) -> Path:
+    # --- the KiTS23 3D part ---------------------------------------------------------------------------
+    @property
+    def k23_dataset(self) -> Path:
+        return self.raw / K23_DATASET
+
+    @property
+    def k23_results(self) -> Path:
+        return self.res / K23_DATASET / f"{K23_TRAINER}__{K23_PLANS}__{K23_CONFIG}"
+
+    @property
+    def k23_evaluation(self) -> Path:
+        return self.out / "kits23" / "evaluation"
+
+    def kits23(self) -> Path:
+        """Phantom in the KiTS23 layout -> convert-kits23 --regions -> splits -> plan -> a tiny 3D XBoundNet++
+        (stock nnUNetv2_train, fold 0) -> MC-dropout predictions of fold 0's validation cases -> evaluate
+        --kits23 with the entropy maps against the raters' disagreement."""
+        k23 = self.out / "kits23" / "raw"
+        if self.step(f"10. KiTS23-layout phantom: {self.k23_cases} cases, three raters each", k23 / "case_00000"):
+            self.run(["nnunet-kaz", "phantom", "--kind", "kits3d", "--format", "kits23", "-n", str(self.k23_cases),
+                      "--size", *map(str, self.k23_size), "--seed", str(self.seed), "-o", str(k23)])
+        if self.step("10. Convert to a region-based nnU-Net dataset (kidney+masses, masses, tumour)",
+                     self.k23_dataset / "dataset.json"):
+            self.run(["nnunet-kaz", "convert-kits23", "--kits", str(k23), "-d", str(K23_ID), "--name", K23_NAME,
+                      "--regions"])
+        splits_file = self.pre / K23_DATASET / "splits_final.json"
+        if self.step("10. Patient-wise splits (2 folds)", splits_file):
+            self.run(["nnunet-kaz", "splits", "-d", str(K23_ID), "--folds", "2", "--pattern", r"(?P<patient>case_\d+)"])
+        if self.step("10. Plan (XBoundNetPlanner) and preprocess 3d_fullres",
+                     self.pre / K23_DATASET / f"{K23_PLANS}.json"):
+            self.run(["nnunet-kaz", "plan", "-d", str(K23_ID), "-c", K23_CONFIG, "-np", "1"], quiet=True,
+                     nnUNet_n_proc_DA="1")
+        done = self.k23_results / "fold_0" / "checkpoint_final.pth"
+        if self.step("10. Train a tiny 3D XBoundNet++ (fold 0, stock nnUNetv2_train) on the CPU", done):
+            self.run(["nnUNetv2_train", str(K23_ID), K23_CONFIG, "0", "-p", K23_PLANS, "-tr", K23_TRAINER,
+                      "-device", "cpu"], quiet=True)
+        losses = training_losses(self.k23_results / "fold_0")
+        print(f"  training losses (first, last epoch): {losses[0]:.4f}, {losses[-1]:.4f}; all finite: "
+              f"{all(map(__import__('math').isfinite, losses))}" if losses else "  (no losses in the training log)")
+        val_images = self.out / "kits23" / "validation_fold0" / "images"
+        preds = self.out / "kits23" / "validation_fold0" / "predictions"
+        if self.step(f"10. Predict fold 0's validation cases with MC dropout ({self.k23_mc} samples)",
+                     preds / "scores.csv"):
+            splits = json.loads(splits_file.read_text())
+            self.link_cases(splits[0]["val"], self.k23_dataset / "imagesTr", val_images, ".nii.gz")
+            self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(preds), "-m",
+                      f"{self.k23_results}:0", "--mc", str(self.k23_mc), "-device", "cpu"])
+        out = self.k23_evaluation
+        if self.step("10. Evaluate: KiTS23 region Dice / Surface Dice, failure detection, rater agreement",
+                     out / "kits23_summary.csv"):
+            self.run(["nnunet-kaz", "evaluate", "--pred", str(preds), "--gt", str(self.k23_dataset / "labelsTr"),
+                      "--pred-subset", "--kits23", "--uncertainty", str(preds),
+                      "--raters", str(self.k23_dataset / "raterDisagreementTr"),
+                      "--figure-cases", "0", "-o", str(out), "-q"], quiet=True)
+        import pandas as pd
+
+        print("  KiTS23 regions (fold-0 validation cases):")
+        print(pd.read_csv(out / "kits23_summary.csv").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        from nnunet_kaz.demo_report import rater_summary
+
+        r = rater_summary(out)
+        print(f"  rater agreement (entropy vs the raters' disagreement): NCC {r['mean_ncc']:.3f}, ROI AUROC "
+              f"{r['mean_roi_auroc']:.3f} (pooled {r.get('pooled_roi_auroc', float('nan')):.3f}) over "
+              f"{r['n_cases']} cases")
+        return out
+
+    def report(self, folders: dict[str, Path], comparison: Path, gradcam: Path,
+               evaluations: dict[str, Path]) -> Path:
         from nnunet_kaz.demo_report import build_report
 
-        path = build_report(self, folders, comparison, gradcam)
-        return path
+        return build_report(self, folders, comparison, gradcam, evaluations)
 
     def run_all(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -226,17 +356,36 @@ class Demo:
         self.calibrate()
         folders = self.predict()
         comparison = self.compare(folders)
+        evaluations = self.evaluate_raters(folders)
+        from nnunet_kaz.demo_report import conformal_table
+
+        fnr = conformal_table(folders[self.conformal_method], self.dataset / "labelsTs", LABEL)
+        print(f"  conformal masks ({self.conformal_method}): realised mean FNR {fnr['fnr'].mean():.4f} vs alpha "
+              f"{ALPHA} over {len(fnr)} test slices; mask / segmentation {fnr['mask_vs_segmentation'].mean():.2f}, "
+              f"mask / ground truth {fnr['mask_vs_gt'].mean():.2f} (means over slices)")
         gradcam = self.explain()
-        self.step("9. Write the report")
-        report = self.report(folders, comparison, gradcam)
+        self.kits23()
+        self.step("11. Write the report")
+        report = self.report(folders, comparison, gradcam, evaluations)
         print(f"\nDemo finished in {time.time() - self.t0:.0f}s. Report: {report}")
         return report
+
+
+def training_losses(fold_dir: Path) -> list[float]:
+    """Every epoch's train_loss from nnU-Net's training log (lines 'train_loss VALUE')."""
+    import re
+
+    losses = []
+    for log in sorted(fold_dir.glob("training_log_*.txt")):
+        losses += [float(m) for m in re.findall(r"train_loss (\S+)", log.read_text())]
+    return losses
 
 
 def _demo(args: argparse.Namespace) -> int:
     if args.fresh and args.o.exists():
         shutil.rmtree(args.o)
-    Demo(args.o, args.patients, args.test_patients, args.size, tuple(args.original), args.seed, args.mc).run_all()
+    Demo(args.o, args.patients, args.test_patients, args.size, tuple(args.original), args.seed, args.mc,
+         args.kits_cases, tuple(args.kits_size), args.kits_mc).run_all()
     return 0
 
 
@@ -250,6 +399,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--original", type=int, nargs=2, default=(170, 262), metavar=("H", "W"),
                    help="phantom slice size before resizing, exported back to it (default 170 262)")
     p.add_argument("--mc", type=int, default=10, help="MC-dropout samples of the MC method (default 10)")
+    p.add_argument("--kits-cases", type=int, default=12, help="cases of the KiTS23 3D phantom (default 12)")
+    p.add_argument("--kits-size", type=int, nargs=3, default=(16, 32, 32), metavar=("Z", "Y", "X"),
+                   help="KiTS23 phantom volume size (default 16 32 32)")
+    p.add_argument("--kits-mc", type=int, default=5, help="MC-dropout samples of the 3D predictions (default 5)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished steps")
     p.set_defaults(func=_demo)

@@ -42,7 +42,155 @@ def entropy_example(folder: Path, images: Path, out_png: Path) -> Path | None:
     return out_png
 
 
-def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path) -> Path:
+def read_mask(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).squeeze()
+
+
+def conformal_table(folder: Path, gt: Path, label: str) -> pd.DataFrame:
+    """Per test case the realised false-negative rate of the conformal mask CASE_conformal_LABEL.ext against the
+    ground truth, 1 - |C & G| / |G| (0 when G is empty: Angelopoulos et al. 2024, the FNR loss of their section
+    3.2 with the convention of `nnunet-kaz conformal fit`), and the mask's size relative to the segmentation and
+    to the ground truth (NaN when those are empty). The mean FNR over exchangeable cases is what the guarantee
+    bounds by alpha."""
+    value = json.loads((gt.parent / "dataset.json").read_text())["labels"][label]
+    rows = []
+    for mask_path in sorted(folder.glob(f"*_conformal_{label}.*")):
+        case, ending = mask_path.name.split(f"_conformal_{label}")
+        mask = read_mask(mask_path) > 0
+        truth = read_mask(gt / f"{case}{ending}") == value
+        seg = read_mask(folder / f"{case}{ending}") == value
+        n_gt, n_seg, n_mask = int(truth.sum()), int(seg.sum()), int(mask.sum())
+        rows.append({"case": case, "fnr": 1 - (mask & truth).sum() / n_gt if n_gt else 0.0,
+                     "segmentation_fnr": 1 - (seg & truth).sum() / n_gt if n_gt else 0.0,
+                     "conformal_px": n_mask, "segmentation_px": n_seg, "gt_px": n_gt,
+                     "mask_vs_segmentation": n_mask / n_seg if n_seg else np.nan,
+                     "mask_vs_gt": n_mask / n_gt if n_gt else np.nan})
+    if not rows:
+        raise FileNotFoundError(f"no *_conformal_{label}.* masks in {folder}")
+    return pd.DataFrame(rows)
+
+
+def _contours(ax, image, masks: list[tuple[np.ndarray, str, str]]) -> None:
+    ax.imshow(image, cmap="gray")
+    for mask, color, _ in masks:
+        if mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.2)
+
+
+def conformal_figure(folder: Path, images: Path, gt: Path, label: str, case: str, out_png: Path) -> Path:
+    """Image, segmentation, conformal mask and ground truth of one case, and the three outlines on the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    value = json.loads((gt.parent / "dataset.json").read_text())["labels"][label]
+    ending = next(folder.glob(f"{case}_conformal_{label}.*")).name.split(f"_conformal_{label}")[1]
+    image = read_mask(images / f"{case}_0000{ending}").astype(float)
+    seg = read_mask(folder / f"{case}{ending}") == value
+    conf = read_mask(folder / f"{case}_conformal_{label}{ending}") > 0
+    truth = read_mask(gt / f"{case}{ending}") == value
+    fig, axes = plt.subplots(1, 5, figsize=(16, 3.6))
+    for ax, (title, arr) in zip(axes, [("image", image), ("segmentation", seg),
+                                       ("conformal mask", conf), ("ground truth (annotation)", truth)]):
+        ax.imshow(arr, cmap="gray")
+        ax.set_title(title)
+        ax.axis("off")
+    outlines = [(truth, "lime", "ground truth"), (seg, "deepskyblue", "segmentation"), (conf, "red", "conformal")]
+    _contours(axes[4], image, outlines)
+    axes[4].set_title("outlines")
+    axes[4].axis("off")
+    axes[4].legend(handles=[Line2D([], [], color=c, label=n) for _, c, n in outlines], loc="lower right",
+                   fontsize=7)
+    fig.suptitle(case)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def fnr_figure(table: pd.DataFrame, alpha: float, out_png: Path) -> Path:
+    """Each test case's realised FNR of the conformal mask (and of the segmentation), sorted, with alpha and the
+    mean: the guarantee is about the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table.sort_values("fnr").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar(t.index - 0.2, t["segmentation_fnr"], width=0.4, color="deepskyblue", label="segmentation")
+    ax.bar(t.index + 0.2, t["fnr"], width=0.4, color="red", label="conformal mask")
+    ax.axhline(alpha, color="k", ls="--", label=f"alpha = {alpha}")
+    ax.axhline(t["fnr"].mean(), color="red", ls=":", label=f"conformal mean {t['fnr'].mean():.3f}")
+    ax.axhline(t["segmentation_fnr"].mean(), color="deepskyblue", ls=":",
+               label=f"segmentation mean {t['segmentation_fnr'].mean():.3f}")
+    ax.set_xlabel("test case (sorted by the conformal mask's FNR)")
+    ax.set_ylabel("false-negative rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def kits23_figure(dataset: Path, preds: Path, case: str, out_png: Path) -> Path:
+    """The axial slice with the most ground-truth masses of one 3D case: image, ground truth, prediction, entropy
+    of the MC-dropout mean and the raters' disagreement map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = read_mask(dataset / "imagesTr" / f"{case}_0000.nii.gz").astype(float)
+    truth = read_mask(dataset / "labelsTr" / f"{case}.nii.gz")
+    pred = read_mask(preds / f"{case}.nii.gz")
+    entropy = np.load(preds / f"{case}_uncertainty.npz")["entropy"]
+    entropy = entropy.reshape(-1, *image.shape).max(0) if entropy.size != image.size else entropy.reshape(image.shape)
+    raters = read_mask(dataset / "raterDisagreementTr" / f"{case}.nii.gz").astype(float)
+    z = int(np.argmax((truth >= 2).sum((1, 2)))) if (truth >= 2).any() else image.shape[0] // 2
+    panels = [("image", image, "gray", None), ("ground truth (1 kidney, 2 tumour, 3 cyst)", truth, "viridis", (0, 3)),
+              ("prediction", pred, "viridis", (0, 3)), ("entropy (MC mean)", entropy, "magma", None),
+              ("rater disagreement", raters, "magma", None)]
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
+    for ax, (title, arr, cmap, lim) in zip(axes, panels):
+        im = ax.imshow(arr[z], cmap=cmap, vmin=lim[0] if lim else None, vmax=lim[1] if lim else None)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{case}, axial slice {z}")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def rater_summary(evaluation: Path) -> dict:
+    """evaluate --raters' summary (mean NCC, mean and pooled ROI AUROC, cases) from evaluation.json, wherever
+    it nests it; the per-case means of rater_agreement.csv if it is not there."""
+    def find(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("rater_agreement"), dict):
+                return node["rater_agreement"]
+            for v in node.values():
+                hit = find(v)
+                if hit is not None:
+                    return hit
+        return None
+
+    marker = evaluation / "evaluation.json"
+    hit = find(json.loads(marker.read_text())) if marker.is_file() else None
+    if hit is None:
+        t = pd.read_csv(evaluation / "rater_agreement.csv")
+        hit = {"mean_ncc": t["ncc"].mean(), "mean_roi_auroc": t["roi_auroc"].mean(), "n_cases": len(t)}
+    return {k: hit[k] for k in ("mean_ncc", "mean_roi_auroc", "pooled_roi_auroc", "n_cases") if k in hit}
+
+
+def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path,
+                 evaluations: dict[str, Path] | None = None) -> Path:
     from nnunet_kaz import __version__
 
     rep = HtmlReport("nnunet-kaz demo: XBoundNet++ with uncertainty on a KAZ phantom")
@@ -87,6 +235,17 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
         rep.figure(last / "score_scatter.png", "Per-image scores of nnunet-kaz predict against Dice")
         rep.table(pd.read_csv(last / "score_correlations.csv"))
 
+    conformal_section(rep, demo, folders)
+    if evaluations:
+        rep.heading("Uncertainty against rater variability (2D)")
+        rep.table(pd.DataFrame([{"method": name, **rater_summary(folder)} for name, folder in evaluations.items()]))
+        rep.text("evaluate --raters against raterDisagreementTs (1 where the rough annotation and the true zone "
+                 "differ): NCC between the normalized-entropy map and the disagreement map, and the AUROC of the "
+                 "entropy for finding disagreement pixels inside the region of interest (annotation and prediction "
+                 "dilated); mean over test slices, and pooled over all their pixels.", "note")
+
+    kits23_section(rep, demo)
+
     rep.heading("Layer-wise Grad-CAM (paper 000 section 2.2)")
     rep.figure(gradcam, "Grad-CAM of the ablation-zone logits over the annotation, block by block")
 
@@ -107,3 +266,78 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
              "comparison/, explain/, and predictions/*plus*/kaz_export/ (BMP masks at the original slice size).",
              "note")
     return rep.write(demo.out / "report.html")
+
+
+def conformal_section(rep: HtmlReport, demo, folders: dict[str, Path]) -> None:
+    from nnunet_kaz.demo import ALPHA, LABEL
+
+    folder = folders[demo.conformal_method]
+    gt = demo.dataset / "labelsTs"
+    fit = json.loads(demo.conformal_json.read_text())
+    rep.heading("Conformal risk control: a bound on the missed ablation zone")
+    table = conformal_table(folder, gt, LABEL)
+    n = len(table)
+    rep.text(f"nnunet-kaz conformal fit on the fold-0 validation patients' uncalibrated probabilities of the "
+             f"{demo.conformal_method} ensemble picked the threshold of the mask {{p >= 1 - lambda}} so that the "
+             f"expected false-negative rate of {LABEL} on a new exchangeable case is at most alpha = {ALPHA} "
+             f"(Angelopoulos et al., Conformal Risk Control, ICLR 2024); predict --conformal applied it to the "
+             f"held-out patients. Realised on the {n} test slices: mean FNR {table['fnr'].mean():.4f} vs alpha "
+             f"{ALPHA} (the segmentation's own mean FNR: {table['segmentation_fnr'].mean():.4f}); the mask is "
+             f"{table['mask_vs_segmentation'].mean():.2f} x the segmentation and {table['mask_vs_gt'].mean():.2f} x "
+             "the ground truth (means over slices): what the guarantee costs. The bound is on the average over "
+             "cases, not per case or per pixel.")
+    rep.code(json.dumps(fit, indent=1)[:1500])
+    summary = demo.out / "evaluations" / folder.name / "conformal_summary.csv"
+    if summary.is_file():
+        ev = pd.read_csv(summary)
+        rep.text("nnunet-kaz evaluate --conformal (conformal_summary.csv; per case in conformal.csv next to it):",
+                 "note")
+        rep.table(ev, digits=4)
+        mine = ev[ev["label"] == LABEL]["mean_fnr"]
+        if len(mine):
+            rep.text(f"Recomputed here from the CASE_conformal_{LABEL}.png masks: mean FNR {table['fnr'].mean():.6f}, "
+                     f"evaluate's {float(mine.iloc[0]):.6f}.", "note")
+    else:
+        rep.text("Per slice (computed from the CASE_conformal_LABEL.png masks; this nnunet-kaz's evaluate has no "
+                 "--conformal):", "note")
+        rep.table(table, digits=4)
+    case = table.sort_values("gt_px").iloc[n // 2]["case"]
+    png = conformal_figure(folder, demo.dataset / "imagesTs", gt, LABEL, case, demo.out / "conformal_example.png")
+    rep.figure(png, f"{case}: segmentation, conformal mask and ground truth; outlines: ground truth green, "
+                    "segmentation blue, conformal mask red")
+    rep.figure(fnr_figure(table, ALPHA, demo.out / "conformal_fnr.png"),
+               "Realised false-negative rate per test slice: the bound is on the mean over cases")
+
+
+def kits23_section(rep: HtmlReport, demo) -> None:
+    from nnunet_kaz.demo import K23_DATASET
+
+    ev = demo.k23_evaluation
+    if not (ev / "kits23_summary.csv").is_file():
+        return
+    rep.heading("KiTS23 3D part: region Dice, Surface Dice, failure detection, rater agreement")
+    rep.text(f"{demo.k23_cases} phantom cases of {' x '.join(map(str, demo.k23_size))} voxels in the KiTS23 layout "
+             "(three raters' annotations per case differing at the boundaries) -> convert-kits23 --regions "
+             f"({K23_DATASET}, nested regions kidney+masses, masses, tumour) -> a tiny 3D XBoundNet++ "
+             "(XBoundNetTrainer_demo, fold 0 of 2) -> nnunet-kaz predict with "
+             f"{demo.k23_mc} MC-dropout samples on fold 0's validation cases -> evaluate --kits23.")
+    rep.table(pd.read_csv(ev / "kits23_summary.csv"))
+    rep.text("Region Dice and Surface Dice at the challenge's tolerances (kidney_and_mass 1.0331 mm, mass 1.1329 "
+             "mm, tumor 1.1498 mm); both masks empty score 1, one empty 0 (neheller/kits23).", "note")
+    if (ev / "kits23.csv").is_file():
+        rep.table(pd.read_csv(ev / "kits23.csv"))
+    if (ev / "rater_agreement.csv").is_file():
+        rep.text("Entropy of the MC-dropout mean against the raters' per-voxel disagreement (rater_agreement.csv):")
+        rep.table(pd.read_csv(ev / "rater_agreement.csv"))
+    if (ev / "failure_detection.csv").is_file():
+        fd = pd.read_csv(ev / "failure_detection.csv")
+        rep.text("Failure detection (risk = 1 - Dice per case, confidence = minus the score; AURC, E-AURC, "
+                 "AUGRC), few cases: a smoke test of the pipeline, not a ranking of scores.")
+        rep.table(fd, digits=4)
+    for png in sorted(ev.glob("risk_coverage_*.png")):
+        rep.figure(png, f"Risk-coverage curves ({png.stem})")
+    preds = demo.out / "kits23" / "validation_fold0" / "predictions"
+    cases = sorted(p.name[: -len("_uncertainty.npz")] for p in preds.glob("*_uncertainty.npz"))
+    if cases:
+        rep.figure(kits23_figure(demo.k23_dataset, preds, cases[0], demo.out / "kits23_example.png"),
+                   "One validation case of the 3D part")
