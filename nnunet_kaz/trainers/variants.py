@@ -20,12 +20,12 @@ from nnunet_kaz.trainers.xboundnet_trainer import XBoundNetTrainer, XBoundNetTra
 SEEDS = range(5)
 DROPOUT_RATES = {"p01": 0.1, "p02": 0.2, "p03": 0.3, "p05": 0.5}
 DEBUG = dict(num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2)
-DEMO = dict(num_epochs=10, num_iterations_per_epoch=8, num_val_iterations_per_epoch=3)
+DEMO = dict(num_epochs=10, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
 # SGDR short runs: two cycles each, snapshots from the last epochs of each cycle
 SGDR_DEBUG = dict(num_epochs=6, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
 SGDR_DEBUG_ATTRS = dict(sgdr_cycle_ends=(3, 6), snapshot_window=2, snapshot_top_k=2,
                         snapshot_drop_margin=None)  # keep both cycles: tests count snapshots per cycle
-SGDR_DEMO = dict(num_epochs=12, num_iterations_per_epoch=8, num_val_iterations_per_epoch=3)
+SGDR_DEMO = dict(num_epochs=12, num_iterations_per_epoch=12, num_val_iterations_per_epoch=3)
 SGDR_DEMO_ATTRS = dict(sgdr_cycle_ends=(4, 12), snapshot_window=3, snapshot_top_k=2)
 
 _registry: dict[str, type] = {}
@@ -61,7 +61,7 @@ _short = [
             DEBUG),
     variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
             DEBUG),
-    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 10 epochs x 8 "
+    variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 10 epochs x 12 "
             "iterations, features capped at 32.", DEMO, max_features=32),
     variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
     variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
@@ -102,7 +102,7 @@ _mhex = [
             DEBUG, keep_planned_depth=True),
     variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_debug", "nnUNetTrainerMHEX for tests.", DEBUG),
     variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_demo", "XBoundNetTrainerMHEX for the CPU demo: 10 epochs x "
-            "8 iterations, features capped at 32.", DEMO, max_features=32),
+            "12 iterations, features capped at 32.", DEMO, max_features=32),
 ]
 
 for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
