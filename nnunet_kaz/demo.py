@@ -21,7 +21,7 @@ Every step runs the command a user would type (printed before it runs), inside O
 10. the KiTS23 3D part: `nnunet-kaz phantom --kind kits3d --format kits23` (three raters per case) ->
    `nnunet-kaz convert-kits23 --regions` -> `nnunet-kaz splits` -> `nnunet-kaz plan -c 3d_fullres` ->
    `nnUNetv2_train ... -p nnUNetXBoundNetPlans -tr XBoundNetTrainer_demo` (fold 0) -> `nnunet-kaz predict --mc`
-   on fold 0's validation cases -> `nnunet-kaz evaluate --kits23 --uncertainty --raters` (region Dice and
+   on fold 0's validation cases -> `nnunet-kaz evaluate --kits23 --uncertainty --scores --raters` (region Dice and
    Surface Dice, failure detection, rater agreement);
 11. `report.html`, self-contained.
 OUT/nnUNet_raw, OUT/nnUNet_preprocessed and OUT/nnUNet_results are the nnU-Net folders. A step whose outputs
@@ -327,7 +327,7 @@ class Demo:
         if self.step("10. Evaluate: KiTS23 region Dice / Surface Dice, failure detection, rater agreement",
                      out / "kits23_summary.csv"):
             self.run(["nnunet-kaz", "evaluate", "--pred", str(preds), "--gt", str(self.k23_dataset / "labelsTr"),
-                      "--pred-subset", "--kits23", "--uncertainty", str(preds),
+                      "--pred-subset", "--kits23", "--uncertainty", str(preds), "--scores", str(preds / "scores.csv"),
                       "--raters", str(self.k23_dataset / "raterDisagreementTr"),
                       "--figure-cases", "0", "-o", str(out), "-q"], quiet=True)
         import pandas as pd

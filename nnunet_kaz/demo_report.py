@@ -332,10 +332,15 @@ def kits23_section(rep: HtmlReport, demo) -> None:
         rep.table(pd.read_csv(ev / "rater_agreement.csv"))
     if (ev / "failure_detection.csv").is_file():
         fd = pd.read_csv(ev / "failure_detection.csv")
-        rep.text("Failure detection (risk = 1 - Dice per case, confidence = minus the uncertainty aggregated over "
-                 "the image; AURC, E-AURC, AUGRC) per label (1 kidney, 2 tumour, 3 cyst), over 6 cases: a smoke "
-                 "test of the pipeline, not a ranking of the aggregations.")
+        rep.text("Failure detection (risk = 1 - Dice per case; confidence = minus the uncertainty aggregated over "
+                 "the image, ranked against each label's Dice (1 kidney, 2 tumour, 3 cyst), or predict's per-image "
+                 "scores of each region, ranked against that KiTS23 region's Dice; AURC, E-AURC, AUGRC), over "
+                 f"{demo.k23_cases // 2} cases: a smoke test of the pipeline, not a ranking of the sources.")
         rep.table(fd, digits=4)
+    if (ev / "score_correlations.csv").is_file():
+        rep.text("Per-image scores of each region (scores.csv of predict) against that region's Dice: Spearman's rho "
+                 "(score_correlations.csv).")
+        rep.table(pd.read_csv(ev / "score_correlations.csv"), digits=4)
     for png in sorted(ev.glob("risk_coverage_*.png")):
         rep.figure(png, f"Risk-coverage curves ({png.stem})")
     preds = demo.out / "kits23" / "validation_fold0" / "predictions"

@@ -113,6 +113,57 @@ def test_region_dataset_is_kits23_automatically(kits):
     assert not (root / "eval_nokits" / "kits23.csv").exists()
 
 
+def _dice(p, g):
+    return 1.0 if not (p.any() or g.any()) else 2.0 * np.count_nonzero(p & g) / (np.count_nonzero(p) + np.count_nonzero(g))
+
+
+def test_region_scores_are_matched_with_the_region_dice(kits, tmp_path, capsys):
+    """scores.csv of a region-based prediction names dataset.json's regions (kidney = {1,2,3}, masses = {2,3},
+    tumor = 2): each is correlated with that region's Dice, not with the Dice of the label of the same name."""
+    from scipy.stats import spearmanr
+
+    root, raw, pred_dir = kits
+    gt_dir = raw / "Dataset922_KiTS23" / "labelsTr"
+    cases = sorted(f.name[:-7] for f in gt_dir.iterdir())
+    rng = np.random.default_rng(3)
+    names = {"kidney": (1, 2, 3), "masses": (2, 3), "tumor": (2,)}
+    scores = pd.DataFrame([{"case": c, "label": n, "mean_entropy": rng.random(), "pairwise_dice": rng.random(),
+                            "n_members": 1, "n_samples": 4} for c in cases for n in names])
+    scores.to_csv(tmp_path / "scores.csv", index=False)
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--scores", str(tmp_path / "scores.csv"),
+                     "-o", str(out), "-q"]) == 0
+    corr = pd.read_csv(out / "score_correlations.csv")
+    fd = pd.read_csv(out / "failure_detection.csv")
+    assert set(corr.label) == {"kidney_and_mass", "mass", "tumor", "all"}
+    kits_name = {"kidney": "kidney_and_mass", "masses": "mass", "tumor": "tumor"}
+    for name, labs in names.items():
+        dice = []
+        for c in cases:
+            gt, pred = read(gt_dir / f"{c}.nii.gz"), read(pred_dir / f"{c}.nii.gz")
+            dice.append(_dice(np.isin(pred, labs), np.isin(gt, labs)))
+        sub = scores[scores.label == name]
+        for col in ("mean_entropy", "pairwise_dice"):
+            row = corr[(corr.label == kits_name[name]) & (corr.score == col)].iloc[0]
+            x = sub[col].to_numpy()
+            if np.ptp(dice) > 0:
+                assert row.spearman_rho == pytest.approx(spearmanr(x, dice).statistic) and row.n == 4
+            else:
+                assert np.isnan(row.spearman_rho)
+            sign = 1 if col == "pairwise_dice" else -1
+            got = fd[(fd.label == kits_name[name]) & (fd.source == col)].aurc.iloc[0]
+            assert got == pytest.approx(aurc(1 - np.array(dice), sign * x), abs=1e-9)
+    assert (out / "risk_coverage_mass.png").stat().st_size > 5000 and (out / "score_scatter.png").is_file()
+    bad = scores.assign(label=scores.label.replace({"masses": "cyst"}))
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--scores", str(tmp_path / "bad.csv"),
+                     "-o", str(tmp_path / "e2"), "-q"]) == 2
+    assert "cyst" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--scores", str(tmp_path / "scores.csv"),
+                     "--no-kits23", "-o", str(tmp_path / "e3"), "-q"]) == 2
+    assert "--no-kits23" in capsys.readouterr().err or not (tmp_path / "e3").exists()
+
+
 def test_bad_inputs_name_the_files_and_write_nothing(kits, tmp_path, capsys):
     root, raw, pred_dir = kits
     ds = raw / "Dataset921_KiTS23"
@@ -168,3 +219,35 @@ def test_compare_shows_aurc_and_overlays_the_curves(kits, tmp_path):
     assert t.loc[1, "aurc"] == pytest.approx(0.0)  # every Dice 1: no risk to rank
     assert "| AURC | E-AURC |" in (out / "comparison.md").read_text()
     assert (out / "risk_coverage_overlay.png").stat().st_size > 5000
+
+
+def test_compare_on_region_scores_overlays_the_scores_curves(kits, tmp_path):
+    """compare on region-based predictions: scores per KiTS23 region (str) beside per-label aggregations (int)."""
+    root, raw, pred_dir = kits
+    gt = raw / "Dataset922_KiTS23" / "labelsTr"
+    cases = sorted(f.name[:-7] for f in gt.iterdir())
+    rng = np.random.default_rng(4)
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    for c in cases:
+        (scored / f"{c}.nii.gz").symlink_to(pred_dir / f"{c}.nii.gz")
+    pd.DataFrame([{"case": c, "label": n, "mean_entropy": rng.random()} for c in cases
+                  for n in ("kidney", "masses", "tumor")]).to_csv(scored / "scores.csv", index=False)
+    runs = tmp_path / "runs.yaml"
+    unc = tmp_path / "unc"
+    unc.mkdir()
+    for c in cases:
+        np.savez(unc / f"{c}_uncertainty.npz", entropy=rng.random(read(gt / f"{c}.nii.gz").shape).astype(np.float32))
+    runs.write_text(f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: scored\n    pred: {scored}\n"
+                    f"  - label: both\n    pred: {scored}\n    uncertainty: {unc}\n")
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", str(runs), "-o", str(out), "-q"]) == 0
+    t = pd.read_csv(out / "comparison.csv")
+    fd = pd.read_csv(out / "runs" / "scored" / "failure_detection.csv")
+    assert set(fd.label) == {"kidney_and_mass", "mass", "tumor"} and t.loc[0, "aurc_source"] == "mean_entropy"
+    assert t.loc[0, "aurc"] == pytest.approx(fd.aurc.mean())
+    assert np.isfinite(t.loc[0, "rho_mean_entropy"]) and (out / "risk_coverage_overlay.png").stat().st_size > 5000
+    both = pd.read_csv(out / "runs" / "both" / "failure_detection.csv")  # regions (scores) and labels (maps)
+    assert set(both.label) == {"kidney_and_mass", "mass", "tumor", "1", "2", "3"}
+    assert t.loc[1, "aurc_source"] == "unc_mean"
+    assert t.loc[1, "aurc"] == pytest.approx(both[both.source == "unc_mean"].aurc.mean())

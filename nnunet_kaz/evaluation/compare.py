@@ -242,11 +242,14 @@ def compare_runs(yaml_file: Path, out_dir: Path, progress: bool = True) -> pd.Da
         for name, res in results:
             fd, src = _failure_rows(res)
             if src:
-                lab = min(res.field.curves)
+                # keys: label values, or KiTS23 regions for region-based scores; the first that has the source
+                lab = min((k for k, c in res.field.curves.items() if src in c),
+                          key=lambda k: (isinstance(k, str), str(k).zfill(8)))
                 curves[f"{name} ({src})"] = res.field.curves[lab][src]
         if curves:
+            what = f"region {lab}" if isinstance(lab, str) else f"label {lab}"
             risk_coverage_figure(tmp / "risk_coverage_overlay.png", curves,
-                                 title=f"risk-coverage, label {lab} (risk 1 - Dice)")
+                                 title=f"risk-coverage, {what} (risk 1 - Dice)")
         for name, res in results:
             slug = run_slug(name)
             while slug in slugs.values():

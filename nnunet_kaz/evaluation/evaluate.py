@@ -13,10 +13,12 @@ Outputs (definitions in the docstrings of the modules named):
 - with probabilities or uncertainty maps: uncertainty_thresholds.csv (per case, label and T),
   uncertainty_thresholds_summary.csv (pooled over cases), uncertainty_auroc.csv and, with --figure-cases,
   figures/uncertainty_{case}_label{l}.png (uncertainty_validation.py);
-- with --scores: score_correlations.csv and score_scatter.png (score_correlation.py);
+- with --scores: score_correlations.csv and score_scatter.png (score_correlation.py); the scores of a
+  region-based KiTS23 prediction (rows named by dataset.json's regions kidney, masses, tumor) are matched with
+  kits23.csv's region Dice (kidney_and_mass, mass, tumor), those of a label-based one with metrics.csv's Dice;
 - issue 16 (field_report.py): with nsd_tolerance the column nsd of metrics.csv; for KiTS23 datasets (or
   kits23=True) kits23.csv and kits23_summary.csv; with scores or uncertainty failure_detection.csv and
-  risk_coverage_label{L}.png; with a raters folder rater_agreement.csv; their summaries in evaluation.json;
+  risk_coverage_label{L}.png (risk_coverage_{region}.png for region scores); with a raters folder rater_agreement.csv; their summaries in evaluation.json;
 - evaluation.json: the settings, the cases and the NaN counts.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ from nnunet_kaz.cases import (
     read_segmentation,
 )
 from nnunet_kaz.evaluation.field_report import FieldMetrics, check_rater_folder, parse_nsd_tolerances
-from nnunet_kaz.evaluation.kits23_metrics import is_kits23_labels
+from nnunet_kaz.evaluation.kits23_metrics import dataset_regions, is_kits23_labels
 from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, ConfusionCounts
 from nnunet_kaz.evaluation.score_correlation import read_scores, score_correlations, score_scatter
 from nnunet_kaz.evaluation.surface import SURFACE_METRICS, surface_metrics
@@ -109,6 +111,7 @@ class EvaluationPlan:
     declared: list[int] | None = None        # the foreground labels dataset.json declares, when found
     label_names: dict[str, int] = field(default_factory=dict)
     scores: pd.DataFrame | None = None
+    score_regions: bool = False              # scores labelled by KiTS23 region (region-based predictions)
     sources: dict[str, str] = field(default_factory=dict)
     kits23: bool = False
     raters: dict[str, Path] | None = None
@@ -127,6 +130,7 @@ class EvaluationResult:
     auroc: dict[str, ErrorAuroc] = field(default_factory=dict)
     correlations: pd.DataFrame | None = None
     scores: pd.DataFrame | None = None
+    score_metrics: pd.DataFrame | None = None  # the Dice the scores are matched with (case, label, dice)
     figures: list[dict] = field(default_factory=list)
     uncertainty_source: str | None = None
     field: FieldMetrics | None = None
@@ -196,7 +200,15 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
         plan.conformal = ConformalCheck.from_folder(Path(conformal_dir), {p.case: p.header.shape for p in pairs},
                                                     ending)
     if scores_csv is not None:
-        plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
+        regions = dataset_regions(dj.get("labels", {})) if kits else {}
+        if regions:
+            if not plan.kits23:
+                raise KazError(f"{scores_csv}: the scores of a region-based prediction are compared with KiTS23's "
+                               "region Dice; leave the KiTS23 evaluation on (kits23)", option="kits23")
+            plan.scores, plan.score_regions = _scores_with_regions(read_scores(Path(scores_csv)), regions,
+                                                                   Path(scores_csv)), True
+        else:
+            plan.scores = _scores_with_label_values(read_scores(Path(scores_csv)), label_names, Path(scores_csv))
         unknown = sorted(set(plan.scores["case"]) - {p.case for p in pairs})
         if unknown:
             raise KazError(f"{scores_csv}: case(s) not evaluated: {unknown[:20]}")
@@ -221,6 +233,15 @@ def _scores_with_label_values(scores: pd.DataFrame, label_names: dict[str, int],
         raise KazError(f"{path}: label {v!r} is neither a number nor a label name of dataset.json "
                        f"({sorted(label_names) or 'no dataset.json found'})")
     return scores.assign(label=[value(v) for v in scores["label"]], case=scores["case"].astype(str))
+
+
+def _scores_with_regions(scores: pd.DataFrame, regions: dict[str, str], path: Path) -> pd.DataFrame:
+    """Region-based KiTS23 scores: dataset.json's region names ("masses") become KiTS23's ("mass")."""
+    unknown = sorted({str(v) for v in scores["label"]} - set(regions) - set(regions.values()))
+    if unknown:
+        raise KazError(f"{path}: label(s) {unknown} are not regions of dataset.json ({sorted(regions)})")
+    return scores.assign(label=[regions.get(str(v), str(v)) for v in scores["label"]],
+                         case=scores["case"].astype(str))
 
 
 def _empty_row() -> dict[str, float]:
@@ -337,10 +358,15 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         result.uncertainty_source = (f"{plan.settings.uncertainty_key} from {plan.settings.uncertainty_pattern}"
                                      if any(p.uncertainty for p in plan.pairs)
                                      else "normalized entropy of the mean probability")
-    if plan.scores is not None:  # scores of labels not evaluated (--labels) have no Dice to correlate with
+    if plan.score_regions:
+        result.scores = plan.scores
+        result.score_metrics = fm.kits_table.rename(columns={"region": "label"})[["case", "label", "dice"]]
+    elif plan.scores is not None:  # scores of labels not evaluated (--labels) have no Dice to correlate with
         result.scores = plan.scores[plan.scores["label"].isin(labels)]
-        result.correlations = score_correlations(result.scores, metrics)
-    fm.finish(metrics, result.scores)
+        result.score_metrics = metrics
+    if result.scores is not None:
+        result.correlations = score_correlations(result.scores, result.score_metrics)
+    fm.finish(metrics, result.scores, result.score_metrics if plan.score_regions else None)
     return result
 
 
@@ -430,7 +456,7 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
                                title=f"{f['case']}, label {f['label']}{where}")
     if result.correlations is not None:
         result.correlations.to_csv(folder / "score_correlations.csv", index=False)
-        score_scatter(result.scores, result.metrics, folder / "score_scatter.png")
+        score_scatter(result.scores, result.score_metrics, folder / "score_scatter.png")
     if result.field is not None:
         result.field.write_into(folder)
     if result.conformal is not None:

@@ -6,7 +6,9 @@
 - Failure detection (`failure_detection`): failure_detection.csv (label, source, aurc, e_aurc, augrc, n_cases)
   over every per-image score of scores.csv and the four aggregations of the voxel uncertainty map
   (`unc_mean`, `unc_sum`, `unc_foreground_mean`, `unc_patch_max`), risk = 1 - Dice of metrics.csv;
-  risk_coverage_label{L}.png per label.
+  risk_coverage_label{L}.png per label. The scores of a region-based KiTS23 prediction are ranked against
+  kits23.csv's region Dice instead (label column = region: kidney_and_mass, mass, tumor;
+  risk_coverage_{region}.png), the aggregations, which are per label, still against metrics.csv.
 - Rater variability (`rater_agreement`): rater_agreement.csv per case (ncc, roi_auroc, n_roi_voxels,
   n_disagreement_voxels) and, in the summary, the mean NCC, the mean per-case ROI AUROC and the ROI AUROC
   pooled over every case's ROI voxels.
@@ -24,7 +26,8 @@ import pandas as pd
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.evaluation.failure_detection import (aggregate_uncertainty, failure_detection_table,
                                                      risk_coverage_figure, HIGHER_IS_CONFIDENT)
-from nnunet_kaz.evaluation.kits23_metrics import KITS23_COLUMNS, kits23_case_metrics, kits23_summary
+from nnunet_kaz.evaluation.kits23_metrics import (KITS23_COLUMNS, KITS23_TOLERANCES_MM, kits23_case_metrics,
+                                                  kits23_summary)
 from nnunet_kaz.evaluation.rater_agreement import ncc, roi_auroc
 from nnunet_kaz.evaluation.surface_dice import normalized_surface_dice
 from nnunet_kaz.evaluation.uncertainty_validation import ErrorAuroc
@@ -96,7 +99,7 @@ class FieldMetrics:
     rater_rows: list[dict] = field(default_factory=list)
     pooled_roi: ErrorAuroc = field(default_factory=ErrorAuroc)
     failure: pd.DataFrame | None = None
-    curves: dict[int, dict[str, tuple]] = field(default_factory=dict)
+    curves: dict[int | str, dict[str, tuple]] = field(default_factory=dict)  # label value or KiTS23 region
 
     def nsd_tolerance(self, label: int) -> float | None:
         return self.nsd_tolerances.get(label, self.nsd_tolerances.get(None))
@@ -149,26 +152,34 @@ class FieldMetrics:
     def rater_table(self) -> pd.DataFrame | None:
         return pd.DataFrame(self.rater_rows, columns=list(RATER_COLUMNS)) if self.raters is not None else None
 
-    def finish(self, metrics: pd.DataFrame, scores: pd.DataFrame | None = None) -> None:
-        """failure_detection.csv from metrics.csv's Dice and the score / aggregation columns."""
-        sources = []
+    def finish(self, metrics: pd.DataFrame, scores: pd.DataFrame | None = None,
+               score_dice: pd.DataFrame | None = None) -> None:
+        """failure_detection.csv from metrics.csv's Dice and the score / aggregation columns. With `score_dice`
+        (case, label, dice: KiTS23 region Dice for region-based scores) the scores are ranked against it and
+        the uncertainty aggregations, which are per label, against metrics.csv."""
+        score_part = None
         if scores is not None and len(scores):
-            cols = [c for c in SCORE_SOURCES if c in scores.columns]
-            sources.append(scores[["case", "label", *cols]])
-        if self.aggregation_rows:
-            sources.append(pd.DataFrame(self.aggregation_rows))
-        if not sources:
+            score_part = scores[["case", "label", *[c for c in SCORE_SOURCES if c in scores.columns]]]
+        aggregations = pd.DataFrame(self.aggregation_rows) if self.aggregation_rows else None
+        if score_dice is not None:
+            parts = [(score_dice, score_part), (metrics, aggregations)]
+        else:
+            present = [p for p in (score_part, aggregations) if p is not None]
+            merged = present[0] if present else None
+            for p in present[1:]:
+                merged = merged.merge(p, on=["case", "label"], how="outer")
+            parts = [(metrics, merged)]
+        parts = [(d, src) for d, src in parts if src is not None]
+        if not parts:
             return
-        merged = sources[0]
-        for s in sources[1:]:
-            merged = merged.merge(s, on=["case", "label"], how="outer")
-        self.failure = failure_detection_table(metrics, merged)
-        dice = metrics.set_index(["case", "label"])["dice"]
-        for lab, sub in merged.groupby("label"):
-            risk = 1.0 - sub.set_index(["case", "label"]).index.map(dice).to_numpy(dtype=np.float64)
-            self.curves[int(lab)] = {src: (risk, sub[src].to_numpy(np.float64) * (1 if src in HIGHER_IS_CONFIDENT
-                                                                                else -1))
-                                     for src in merged.columns if src not in ("case", "label")}
+        self.failure = pd.concat([failure_detection_table(d, src) for d, src in parts], ignore_index=True)
+        for d, src in parts:
+            dice = d.set_index(["case", "label"])["dice"]
+            for lab, sub in src.groupby("label"):
+                risk = 1.0 - sub.set_index(["case", "label"]).index.map(dice).to_numpy(dtype=np.float64)
+                self.curves[lab if isinstance(lab, str) else int(lab)] = {
+                    c: (risk, sub[c].to_numpy(np.float64) * (1 if c in HIGHER_IS_CONFIDENT else -1))
+                    for c in src.columns if c not in ("case", "label")}
 
     def summary(self) -> dict:
         out: dict = {}
@@ -196,8 +207,9 @@ class FieldMetrics:
         if self.failure is not None:
             self.failure.to_csv(folder / "failure_detection.csv", index=False)
             for lab, curves in self.curves.items():
-                risk_coverage_figure(folder / f"risk_coverage_label{lab}.png", curves,
-                                     title=f"label {lab}: risk 1 - Dice, most confident cases kept first")
+                what, stem = (f"region {lab}", lab) if isinstance(lab, str) else (f"label {lab}", f"label{lab}")
+                risk_coverage_figure(folder / f"risk_coverage_{stem}.png", curves,
+                                     title=f"{what}: risk 1 - Dice, most confident cases kept first")
         if self.raters is not None:
             self.rater_table.to_csv(folder / "rater_agreement.csv", index=False)
 
@@ -211,9 +223,10 @@ class FieldMetrics:
             lines.append(f"KiTS23 aggregate: mean dice {k['mean_dice']:.4f}, mean surface dice "
                          f"{k['mean_surface_dice']:.4f}")
         if self.failure is not None and len(self.failure):
-            for lab, sub in self.failure.groupby("label"):
+            for lab, sub in self.failure.groupby(self.failure["label"].astype(str), sort=False):
                 best = sub.sort_values("aurc").iloc[0]
-                lines.append(f"failure detection label {lab}: best AURC {best.aurc:.4f} (E-AURC {best.e_aurc:.4f}) "
+                what = f"region {lab}" if lab in KITS23_TOLERANCES_MM else f"label {lab}"
+                lines.append(f"failure detection {what}: best AURC {best.aurc:.4f} (E-AURC {best.e_aurc:.4f}) "
                              f"by {best.source}, {int(best.n_cases)} cases")
         if "rater_agreement" in s:
             r = s["rater_agreement"]

@@ -87,6 +87,22 @@ def kits23_summary(table: pd.DataFrame) -> dict:
     return out
 
 
+def dataset_regions(labels: dict) -> dict[str, str]:
+    """{dataset.json label name: KiTS23 region} of a region-based KiTS23 dataset.json `labels` entry
+    (nnU-Net's Dataset220 names them kidney (1, 2, 3), masses (2, 3), tumor 2); {} for any other entry.
+    The predictor names its per-region scores by the dataset.json names; evaluation reports KiTS23's."""
+    by_labels = {labs: name for name, labs in KITS23_REGIONS.items()}
+    out = {}
+    for k, v in labels.items():
+        if k == "background":
+            continue
+        labs = tuple(sorted(int(x) for x in v)) if isinstance(v, (list, tuple)) else (int(v),)
+        if labs not in by_labels:
+            return {}
+        out[k] = by_labels[labs]
+    return out if any(isinstance(v, (list, tuple)) for v in labels.values()) and len(set(out.values())) == 3 else {}
+
+
 def is_kits23_labels(labels: dict) -> bool:
     """Whether a dataset.json `labels` entry is KiTS23's: kidney 1, tumour 2, cyst 3 as plain labels, or the
     regions kidney (1, 2, 3), masses (2, 3), tumor 2 of a region-based dataset."""

@@ -39,11 +39,17 @@ def score_columns(scores: pd.DataFrame) -> list[str]:
     return [c for c in scores.columns if c not in NOT_SCORES and pd.api.types.is_numeric_dtype(scores[c])]
 
 
+def _label_key(labels: pd.Series) -> pd.Series:
+    """Label values (ints) or names (KiTS23 regions such as "mass"), one type for matching."""
+    return labels.astype(int) if pd.api.types.is_numeric_dtype(labels) else labels.astype(str)
+
+
 def joined(scores: pd.DataFrame, metrics: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
-    """Scores and the metric matched on (case, label); errors listing cases that appear in only one table."""
-    s = scores.assign(case=scores["case"].astype(str), label=scores["label"].astype(int))
+    """Scores and the metric matched on (case, label); errors listing cases that appear in only one table.
+    Labels are label values or, for region-based KiTS23 scores, region names (matched with kits23.csv)."""
+    s = scores.assign(case=scores["case"].astype(str), label=_label_key(scores["label"]))
     m = metrics[["case", "label", metric]].assign(case=metrics["case"].astype(str),
-                                                 label=metrics["label"].astype(int))
+                                                 label=_label_key(metrics["label"]))
     merged = s.merge(m, on=["case", "label"], how="outer", indicator=True)
     only_scores = merged.loc[merged["_merge"] == "left_only", "case"].unique().tolist()
     if only_scores:
@@ -94,7 +100,8 @@ def score_scatter(scores: pd.DataFrame, metrics: pd.DataFrame, path: Path, metri
     pooled = "all" if (corr["label"] == "all").any() else None
     for ax, col in zip(axes.ravel(), cols):
         for i, (lab, g) in enumerate(data.groupby("label")):
-            ax.scatter(g[col], g[metric], s=12, alpha=0.7, color=f"C{i}", label=f"label {lab}")
+            ax.scatter(g[col], g[metric], s=12, alpha=0.7, color=f"C{i}",
+                       label=f"label {lab}" if isinstance(lab, (int, np.integer)) else str(lab))
         r = corr[(corr["score"] == col) & (corr["label"] == (pooled or corr["label"].iloc[0]))].iloc[0]
         ax.set_title(f"{col}\nrho = {r.spearman_rho:.3f}, p = {r.p_value:.2g}, n = {r.n}", fontsize=9)
         ax.set_xlabel(col)
