@@ -31,9 +31,11 @@ from nnunet_kaz.evaluation.kits23_metrics import (KITS23_COLUMNS, KITS23_TOLERAN
 from nnunet_kaz.evaluation.rater_agreement import ncc, roi_auroc
 from nnunet_kaz.evaluation.surface_dice import normalized_surface_dice
 from nnunet_kaz.evaluation.uncertainty_validation import ErrorAuroc
+from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS
 
 RATER_COLUMNS = ("case", "ncc", "roi_auroc", "n_roi_voxels", "n_disagreement_voxels")
-SCORE_SOURCES = ("mean_entropy", "relunet_score", "cv", "pairwise_dice", "labelled_uncertainty")
+# every per-image score the predictor writes (uncertainty/scores.py), bookkeeping columns left out
+SCORE_SOURCES = tuple(c for c in SCORE_COLUMNS if c not in ("case", "label", "n_members", "n_samples"))
 
 
 def parse_nsd_tolerances(values: Sequence[str] | None) -> dict[int | None, float]:
