@@ -13,10 +13,11 @@ Every step runs the command a user would type (printed before it runs), inside O
 6. `nnunet-kaz predict` for each method: single model, fold ensemble, MC dropout, seed ensemble, SGDR
    snapshots, 2 seeds x 2 folds x MC dropout, the fold-0 seed ensemble x MC (with `--conformal`: the
    conformal masks), and that calibrated and post-processed;
-7. `nnunet-kaz compare` (metrics, ECE, reliability diagrams, uncertainty against error, scores against Dice);
-8. `nnunet-kaz evaluate --raters` per method (NCC and ROI AUROC of the uncertainty map against where the
-   annotation and the true zone disagree), for the fold-0 seed ensemble x MC with `--conformal` (realised
-   false-negative rate per case against alpha);
+7. `nnunet-kaz compare` with `raters:` (metrics, ECE, reliability diagrams, uncertainty against error, scores
+   against Dice, and NCC / ROI AUROC of each method's uncertainty map against where the annotation and the true
+   zone disagree, in one table);
+8. `nnunet-kaz evaluate --conformal` for the fold-0 seed ensemble x MC (realised false-negative rate per case
+   against alpha);
 9. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
 10. the KiTS23 3D part: `nnunet-kaz phantom --kind kits3d --format kits23` (three raters per case) ->
    `nnunet-kaz convert-kits23 --regions` -> `nnunet-kaz splits` -> `nnunet-kaz plan -c 3d_fullres` ->
@@ -222,14 +223,21 @@ class Demo:
     def compare(self, folders: dict[str, Path]) -> Path:
         import yaml
 
+        from nnunet_kaz.evaluation.compare import run_slug
+
         out = self.out / "comparison"
         runs_yaml = self.out / "runs.yaml"
+        # each run's own uncertainty maps (entropy of the uncalibrated samples' mean, paper 004's default), and
+        # the raters' disagreement (convert-kaz's raterDisagreementTs/: the rough annotation vs the true zone)
         runs_yaml.write_text(yaml.safe_dump({
             "gt": str(self.dataset / "labelsTs"), "images": str(self.dataset / "imagesTs"), "figure_cases": 1,
-            "runs": [{"label": name, "pred": str(folder)} for name, folder in folders.items()]}, sort_keys=False))
-        if self.step("7. Compare the methods (metrics, calibration, uncertainty against error)",
-                     out / "comparison.csv"):
-            self.run(["nnunet-kaz", "compare", str(runs_yaml), "-o", str(out), "-q"])
+            "raters": str(self.dataset / "raterDisagreementTs"),
+            "runs": [{"label": name, "pred": str(folder), "uncertainty": str(folder)}
+                     for name, folder in folders.items()]}, sort_keys=False))
+        # done when the rater columns are there too (a comparison of an older demo run lacks them)
+        if self.step("7. Compare the methods (metrics, calibration, uncertainty against error and against the "
+                     "raters)", out / "runs" / run_slug(next(iter(folders))) / "rater_agreement.csv"):
+            self.run(["nnunet-kaz", "compare", str(runs_yaml), "-o", str(out), "-q"], quiet=True)  # table below
         print((out / "comparison.md").read_text())
         import pandas as pd
 
@@ -238,33 +246,22 @@ class Demo:
         print(f"  ECE before -> after calibration (test patients): all pixels "
               f"{table.loc[before, 'ece_all']:.4f} -> {table.loc[after, 'ece_all']:.4f}, region of interest "
               f"{table.loc[before, 'ece_roi']:.4f} -> {table.loc[after, 'ece_roi']:.4f}")
+        print("  rater agreement (mean over test slices):\n" + "\n".join(
+            f"    {name:<34} NCC {r.ncc_raters:.3f}  ROI AUROC {r.roi_auroc_raters:.3f} (pooled "
+            f"{r.roi_auroc_raters_pooled:.3f})" for name, r in table.iterrows()))
         return out
 
-    def evaluate_raters(self, folders: dict[str, Path]) -> dict[str, Path]:
-        """Per method: NCC / ROI AUROC of its entropy map against the annotation-vs-true-zone disagreement
-        (convert-kaz's raterDisagreementTs/); the conformal method also gets its realised FNR (evaluate
-        --conformal, when this nnunet-kaz has it; the report otherwise computes it from the masks)."""
-        has_conformal = "--conformal" in subprocess.run([_bin("nnunet-kaz"), "evaluate", "--help"], env=self.env,
-                                                        capture_output=True, text=True).stdout
-        out = {}
-        for name, folder in folders.items():
-            target = self.out / "evaluations" / folder.name
-            out[name] = target
-            extra = ["--conformal", str(folder)] if name == self.conformal_method and has_conformal else []
-            what = " and the conformal masks' realised FNR" if extra else ""
-            if self.step(f"8. Rater agreement{what}: {name}", target / "rater_agreement.csv"):
-                self.run(["nnunet-kaz", "evaluate", "--pred", str(folder), "--gt", str(self.dataset / "labelsTs"),
-                          "--uncertainty", str(folder), "--raters", str(self.dataset / "raterDisagreementTs"),
-                          "--figure-cases", "0", *extra, "-o", str(target), "-q"], quiet=True)
-        from nnunet_kaz.demo_report import rater_summary
-
-        rows = []
-        for name, target in out.items():
-            r = rater_summary(target)
-            rows.append(f"    {name:<34} NCC {r['mean_ncc']:.3f}  ROI AUROC {r['mean_roi_auroc']:.3f}"
-                        + (f" (pooled {r['pooled_roi_auroc']:.3f})" if "pooled_roi_auroc" in r else ""))
-        print("  rater agreement (mean over test slices):\n" + "\n".join(rows))
-        return out
+    def evaluate_conformal(self, folders: dict[str, Path], comparison: Path) -> dict[str, Path]:
+        """The conformal method's realised FNR (evaluate --conformal into evaluations/); returns each method's
+        evaluate outputs under comparison/runs/ (its rater_agreement.csv among them) for the report."""
+        slugs = json.loads((comparison / "comparison.json").read_text())["runs"]
+        folder = folders[self.conformal_method]
+        target = self.out / "evaluations" / folder.name
+        if self.step(f"8. The conformal masks' realised FNR: {self.conformal_method}",
+                     target / "conformal_summary.csv"):
+            self.run(["nnunet-kaz", "evaluate", "--pred", str(folder), "--gt", str(self.dataset / "labelsTs"),
+                      "--conformal", str(folder), "--figure-cases", "0", "-o", str(target), "-q"], quiet=True)
+        return {name: comparison / "runs" / slugs[name] for name in folders}
 
     def explain(self) -> Path:
         image = sorted((self.dataset / "imagesTs").glob("*_0000.png"))[len(list((self.dataset / "imagesTs")
@@ -356,7 +353,7 @@ class Demo:
         self.calibrate()
         folders = self.predict()
         comparison = self.compare(folders)
-        evaluations = self.evaluate_raters(folders)
+        evaluations = self.evaluate_conformal(folders, comparison)
         from nnunet_kaz.demo_report import conformal_table
 
         fnr = conformal_table(folders[self.conformal_method], self.dataset / "labelsTs", LABEL)

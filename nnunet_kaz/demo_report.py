@@ -239,7 +239,7 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
     if evaluations:
         rep.heading("Uncertainty against rater variability (2D)")
         rep.table(pd.DataFrame([{"method": name, **rater_summary(folder)} for name, folder in evaluations.items()]))
-        rep.text("evaluate --raters against raterDisagreementTs (1 where the rough annotation and the true zone "
+        rep.text("compare with raters: (evaluate --raters per run) against raterDisagreementTs (1 where the rough annotation and the true zone "
                  "differ): NCC between the normalized-entropy map and the disagreement map, and the AUROC of the "
                  "entropy for finding disagreement pixels inside the region of interest (annotation and prediction "
                  "dilated); mean over test slices, and pooled over all their pixels.", "note")

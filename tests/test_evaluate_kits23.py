@@ -202,15 +202,20 @@ def test_bad_inputs_name_the_files_and_write_nothing(kits, tmp_path, capsys):
     assert "1:x" in capsys.readouterr().err and not out.exists()
 
 
+def _compare(tmp_path, runs_yaml: str):
+    """`nnunet-kaz compare` on a runs.yaml text; its output folder and comparison.csv."""
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(runs_yaml)
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", str(runs), "-o", str(out), "-q"]) == 0
+    return out, pd.read_csv(out / "comparison.csv")
+
+
 def test_compare_shows_aurc_and_overlays_the_curves(kits, tmp_path):
     root, raw, pred_dir = kits
     gt = raw / "Dataset921_KiTS23" / "labelsTr"
-    runs = tmp_path / "runs.yaml"
-    runs.write_text(f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: shifted\n    pred: {pred_dir}\n"
-                    f"  - label: perfect\n    pred: {gt}\n    probs: {pred_dir}\n")
-    out = tmp_path / "cmp"
-    assert cli_main(["compare", str(runs), "-o", str(out), "-q"]) == 0
-    t = pd.read_csv(out / "comparison.csv")
+    out, t = _compare(tmp_path, f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: shifted\n    pred: {pred_dir}\n"
+                                f"  - label: perfect\n    pred: {gt}\n    probs: {pred_dir}\n")
     for i, slug in enumerate(("shifted", "perfect")):
         fd = pd.read_csv(out / "runs" / slug / "failure_detection.csv")
         fd = fd[fd.source == "unc_mean"]
@@ -219,6 +224,29 @@ def test_compare_shows_aurc_and_overlays_the_curves(kits, tmp_path):
     assert t.loc[1, "aurc"] == pytest.approx(0.0)  # every Dice 1: no risk to rank
     assert "| AURC | E-AURC |" in (out / "comparison.md").read_text()
     assert (out / "risk_coverage_overlay.png").stat().st_size > 5000
+    assert "ncc_raters" not in t.columns
+
+
+def test_compare_with_raters_puts_rater_agreement_in_the_table(kits, tmp_path, capsys):
+    root, raw, pred_dir = kits
+    ds = raw / "Dataset921_KiTS23"
+    out, t = _compare(tmp_path, f"gt: {ds / 'labelsTr'}\nfigure_cases: 0\nraters: {ds / 'raterDisagreementTr'}\n"
+                                f"runs:\n  - label: shifted\n    pred: {pred_dir}\n")
+    runs = tmp_path / "runs.yaml"
+    cases = sorted(f.name[:-7] for f in (ds / "labelsTr").iterdir())
+    by_hand = []
+    for c in cases:
+        with np.load(pred_dir / f"{c}.npz") as z:
+            by_hand.append(ncc(normalized_entropy(z["probabilities"]), read(ds / "raterDisagreementTr" / f"{c}.nii.gz")))
+    assert t.loc[0, "ncc_raters"] == pytest.approx(np.mean(by_hand), abs=1e-6)
+    per_case = pd.read_csv(out / "runs" / "shifted" / "rater_agreement.csv")
+    assert t.loc[0, "roi_auroc_raters"] == pytest.approx(per_case.roi_auroc.mean())
+    assert 0 <= t.loc[0, "roi_auroc_raters_pooled"] <= 1
+    assert "| NCC raters |" in (out / "comparison.md").read_text()
+    # a run with neither probabilities nor uncertainty maps cannot be compared with the raters: nothing written
+    runs.write_text(runs.read_text() + f"  - label: bare\n    pred: {ds / 'labelsTr'}\n")
+    assert cli_main(["compare", str(runs), "-o", str(tmp_path / "cmp2"), "-q"]) == 2
+    assert "bare" in capsys.readouterr().err and not (tmp_path / "cmp2").exists()
 
 
 def test_compare_on_region_scores_overlays_the_scores_curves(kits, tmp_path):
@@ -233,16 +261,12 @@ def test_compare_on_region_scores_overlays_the_scores_curves(kits, tmp_path):
         (scored / f"{c}.nii.gz").symlink_to(pred_dir / f"{c}.nii.gz")
     pd.DataFrame([{"case": c, "label": n, "mean_entropy": rng.random()} for c in cases
                   for n in ("kidney", "masses", "tumor")]).to_csv(scored / "scores.csv", index=False)
-    runs = tmp_path / "runs.yaml"
     unc = tmp_path / "unc"
     unc.mkdir()
     for c in cases:
         np.savez(unc / f"{c}_uncertainty.npz", entropy=rng.random(read(gt / f"{c}.nii.gz").shape).astype(np.float32))
-    runs.write_text(f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: scored\n    pred: {scored}\n"
-                    f"  - label: both\n    pred: {scored}\n    uncertainty: {unc}\n")
-    out = tmp_path / "cmp"
-    assert cli_main(["compare", str(runs), "-o", str(out), "-q"]) == 0
-    t = pd.read_csv(out / "comparison.csv")
+    out, t = _compare(tmp_path, f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: scored\n    pred: {scored}\n"
+                                f"  - label: both\n    pred: {scored}\n    uncertainty: {unc}\n")
     fd = pd.read_csv(out / "runs" / "scored" / "failure_detection.csv")
     assert set(fd.label) == {"kidney_and_mass", "mass", "tumor"} and t.loc[0, "aurc_source"] == "mean_entropy"
     assert t.loc[0, "aurc"] == pytest.approx(fd.aurc.mean())

@@ -189,7 +189,8 @@ def test_score_correlations_equal_scipy():
     cases = [f"c{i}" for i in range(12)]
     dice = rng.random(12)
     scores = pd.DataFrame({"case": cases, "label": 1, "mean_entropy": -dice + rng.normal(0, 0.2, 12),
-                           "cv": np.r_[np.nan, rng.random(11)], "n_members": 5, "n_samples": 50})
+                           "cv": np.r_[np.nan, rng.random(11)], "n_members": 5, "n_samples": 50,
+                           "conformal_volume": rng.integers(0, 500, 12)})  # predict --conformal: not a score
     metrics = pd.DataFrame({"case": cases, "label": 1, "dice": dice})
     c = score_correlations(scores, metrics).set_index("score")
     want = spearmanr(scores["mean_entropy"], dice)

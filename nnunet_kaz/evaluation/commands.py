@@ -92,12 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
     c = sub.add_parser(
-        "compare", help="one table comparing methods (Dice, HD95, ECE, Brier, AUROC, Spearman)",
+        "compare", help="one table comparing methods (Dice, HD95, ECE, Brier, AUROC, AURC, Spearman, raters)",
         description="Evaluate several prediction folders against the same ground truth and write "
                     "comparison.csv / comparison.md, overlaid reliability diagrams and each run's evaluation. "
                     "RUNS.yaml: 'gt: DIR' and 'runs:' a list of {label: NAME, pred: DIR} with optional probs, "
                     "uncertainty, scores; optional top-level labels, n_bins, roi_margin, images, figure_cases, "
-                    "pred_subset. See nnunet_kaz/evaluation/compare.py.")
+                    "pred_subset, raters (rater-disagreement maps: each run's NCC and ROI AUROC against them). "
+                    "See nnunet_kaz/evaluation/compare.py.")
     c.add_argument("runs", type=Path, metavar="RUNS.yaml")
     o.add_output(c)
     o.add_quiet(c)

@@ -9,6 +9,7 @@ RUNS.yaml (relative paths are relative to the YAML file):
     roi_margin: 5              # optional, physical units
     figure_cases: 1            # optional uncertainty figures per run
     pred_subset: false         # optional: evaluate only predicted cases
+    raters: nnUNet_raw/Dataset501_KAZ/raterDisagreementTs  # optional: rater-disagreement maps {case}{ending}
     runs:
       - label: single model    # the method's name in the table
         pred: preds/single     # segmentations {case}{ending}, ours or stock nnU-Net (--save_probabilities)
@@ -20,7 +21,9 @@ Every run is checked before any is computed. OUT receives comparison.csv and com
 method: Dice and HD95 mean and std over cases and labels, ECE of scope all and roi, ACE and Brier of scope
 roi and all, the uncertainty AUROC for voxel errors of both scopes, and each score's Spearman rho against
 Dice, and the failure-detection AURC / E-AURC of the first of `FAILURE_SOURCES` a run has: the mean voxel uncertainty, or else
-`mean_entropy` of scores.csv, averaged over labels), reliability_overlay_{scope}.png (every method's
+`mean_entropy` of scores.csv, averaged over labels), with `raters` each run's uncertainty against the raters'
+disagreement (evaluate --raters: mean NCC, mean per-case ROI AUROC and the pooled ROI AUROC; every run then
+needs probabilities or uncertainty maps), reliability_overlay_{scope}.png (every method's
 reliability curve on one diagram), risk_coverage_overlay.png (every method's risk-coverage curve of that
 source for the first label) and runs/NAME/ with
 each run's full `evaluate` outputs. The calibration figures are those of the positive class for binary
@@ -53,7 +56,9 @@ MARKER = "comparison.json"
 FAILURE_SOURCES = ("unc_mean", "mean_entropy")  # the first one a run has feeds the AURC columns
 RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "scores"}
 TOP_KEYS = {"gt", "images", "labels", "n_bins", "roi_margin", "figure_cases", "pred_subset", "entropy_scaling",
-            "runs"}
+            "raters", "runs"}
+RATER_COLUMNS = {"mean_ncc": "ncc_raters", "mean_roi_auroc": "roi_auroc_raters",
+                 "pooled_roi_auroc": "roi_auroc_raters_pooled"}  # evaluation.json's rater_agreement -> table
 
 
 @dataclass
@@ -86,6 +91,7 @@ def load_runs(yaml_file: Path) -> tuple[list[RunSpec], dict]:
     base = yaml_file.parent
     gt = _path(base, spec["gt"], "gt")
     images = _path(base, spec["images"], "images") if spec.get("images") else None
+    raters = _path(base, spec["raters"], "raters") if spec.get("raters") else None
     settings_kw = {k: spec[k] for k in ("labels", "n_bins", "roi_margin", "figure_cases", "pred_subset",
                                         "entropy_scaling") if k in spec}
     settings_kw.setdefault("figure_cases", 1)
@@ -119,13 +125,14 @@ def load_runs(yaml_file: Path) -> tuple[list[RunSpec], dict]:
                 settings = EvaluationSettings(**kw)
             except TypeError as e:
                 raise KazError(f"{where}: {e}") from e
-            plan = prepare(pred, gt, probs, settings, images, unc, scores)
+            plan = prepare(pred, gt, probs, settings, images, unc, scores, raters)
             runs.append(RunSpec(name, plan))
         except KazError as e:
             problems.append(f"run {name!r}: {e}")
     if problems:
         raise KazError("\n".join(problems))
-    return runs, {"gt": str(gt), "images": str(images) if images else None, **settings_kw}
+    return runs, {"gt": str(gt), "images": str(images) if images else None,
+                  "raters": str(raters) if raters else None, **settings_kw}
 
 
 def _main_class(result: EvaluationResult) -> str | None:
@@ -156,6 +163,9 @@ def table_row(name: str, result: EvaluationResult) -> dict:
     row["aurc"] = float(fd["aurc"].mean()) if src else np.nan
     row["e_aurc"] = float(fd["e_aurc"].mean()) if src else np.nan
     row["aurc_source"] = src or ""
+    if result.plan.raters is not None:
+        agreement = result.field.summary()["rater_agreement"]
+        row.update({col: agreement[key] for key, col in RATER_COLUMNS.items()})
     if result.correlations is not None:
         c = result.correlations
         pooled = c[c["label"] == ("all" if (c["label"] == "all").any() else c["label"].iloc[0])]
@@ -183,6 +193,9 @@ def markdown_table(table: pd.DataFrame) -> str:
     rho_cols = [c for c in table.columns if c.startswith("rho_")]
     head = ["method", "cases", "Dice", "HD95", "ECE all", "ECE roi", "ACE roi", "Brier all", "Brier roi",
             "AUROC all", "AUROC roi", "AURC", "E-AURC"] + [f"rho {c[4:]}" for c in rho_cols]
+    raters = "ncc_raters" in table.columns
+    if raters:
+        head += ["NCC raters", "ROI AUROC raters (pooled)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         hd95 = f"{_fmt(r['hd95_mean'], 2)} ± {_fmt(r['hd95_std'], 2)}"
@@ -195,6 +208,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         for c in rho_cols:
             p = r.get("p_" + c[4:])
             cells.append(_fmt(r.get(c), 3) + ("" if p is None or not np.isfinite(p) else f" (p={p:.2g})"))
+        if raters:
+            cells += [_fmt(r.get("ncc_raters")),
+                      f"{_fmt(r.get('roi_auroc_raters'))} ({_fmt(r.get('roi_auroc_raters_pooled'))})"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Dice and HD95: mean ± std over cases (and labels); HD95 in the images' spacing unit; NaN "
              "distances (exactly one empty mask) are left out and counted. ECE / ACE: 15 equal-width / "
@@ -203,6 +219,9 @@ def markdown_table(table: pd.DataFrame) -> str:
              "confidence minus the mean voxel uncertainty (or mean_entropy), mean over labels, lower is better "
              "(failure_detection.csv of each run has every source and AUGRC). rho: Spearman correlation of the "
              "per-image score with Dice."]
+    if raters:
+        notes += ["", "NCC / ROI AUROC raters: the uncertainty map against the raters' disagreement (evaluate "
+                     "--raters): mean NCC and mean per-case ROI AUROC over cases, pooled ROI AUROC in brackets."]
     return "\n".join(lines + notes) + "\n"
 
 

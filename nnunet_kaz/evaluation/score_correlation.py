@@ -1,8 +1,9 @@
 """Per-image uncertainty scores against segmentation quality (paper 004 tables 1-2: Spearman correlation).
 
 The predictor's `scores.csv` holds one row per case and label: columns `case, label`, the scores
-(`mean_entropy, relunet_score, cv, pairwise_dice, labelled_uncertainty`, any further numeric column is treated
-as a score too) and bookkeeping (`n_members, n_samples`, not scores). Each score is correlated with the
+(`mean_entropy, relunet_score, relunet_score_cross, cv, pairwise_dice, pairwise_dice_pooled,
+labelled_uncertainty`; any further numeric column is treated as a score too) and bookkeeping (`n_members,
+n_samples`, and `conformal_volume` of predict --conformal: not scores). Each score is correlated with the
 per-case Dice of `metrics.csv` (Spearman's rho and its two-sided p-value, scipy.stats.spearmanr). A good
 uncertainty score correlates NEGATIVELY with Dice (paper 004), pairwise Dice positively. Rows whose score or
 Dice is NaN are dropped and counted; fewer than 3 pairs or a constant column give NaN.
@@ -17,7 +18,7 @@ import pandas as pd
 
 from nnunet_kaz.errors import KazError
 
-NOT_SCORES = ("case", "label", "n_members", "n_samples")
+NOT_SCORES = ("case", "label", "n_members", "n_samples", "conformal_volume")  # bookkeeping, not scores
 CORRELATION_COLUMNS = ("label", "score", "metric", "spearman_rho", "p_value", "n", "n_dropped")
 
 
