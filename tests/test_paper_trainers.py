@@ -160,3 +160,31 @@ def test_plateau_scheduler_ignores_nnunets_epoch_step():
     for loss in (1.0, 1.0, 1.0):
         sched.step_validation_loss(loss)
     assert math.isclose(opt.param_groups[0]["lr"], 1e-5)
+
+
+@pytest.mark.parametrize("resume_at", [1, 4, 7, 11])
+def test_plateau_state_of_a_resumed_run_equals_the_uninterrupted_run(resume_at):
+    """nnU-Net's checkpoints hold the optimizer (its lr) but not the scheduler: `replay` rebuilds the rest
+    from the logged losses, so the resumed run reduces the lr at the same epochs as one that never stopped."""
+    from nnunet_kaz.trainers.xboundnet_trainer import ValidationLossPlateau
+
+    losses = [1.0, 0.9, 0.95, 0.97, 0.99, 0.85, 0.9, 0.9, 0.9, 0.91, 0.92, 0.8, 0.81, 0.82, 0.83, 0.84]
+
+    def scheduler(lr):
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return opt, ValidationLossPlateau(opt, mode="min", factor=0.1, patience=2, cooldown=1)
+
+    opt, sched = scheduler(1e-4)
+    reference = []
+    for loss in losses:
+        sched.step_validation_loss(loss)
+        reference.append(opt.param_groups[0]["lr"])
+    assert len(set(reference)) >= 3  # the sequence does trigger reductions
+    resumed_opt, resumed = scheduler(reference[resume_at - 1])  # the checkpoint's optimizer lr
+    resumed.replay(losses[:resume_at])
+    assert resumed_opt.param_groups[0]["lr"] == reference[resume_at - 1]
+    got = []
+    for loss in losses[resume_at:]:
+        resumed.step_validation_loss(loss)
+        got.append(resumed_opt.param_groups[0]["lr"])
+    assert got == pytest.approx(reference[resume_at:], rel=1e-12)

@@ -169,6 +169,17 @@ class ValidationLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
     def step_validation_loss(self, val_loss: float) -> None:
         super().step(val_loss)
 
+    def replay(self, val_losses: list[float]) -> None:
+        """Rebuild the plateau state (best loss, epochs without improvement, cooldown) of a resumed run from
+        its logged validation losses: nnU-Net's checkpoints do not hold the scheduler. The learning rates stay
+        the optimizer's, which the checkpoint restored with the reductions already in them."""
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for loss in val_losses:
+            super().step(float(loss))
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        self._last_lr = lrs
+
 
 BEST_VAL_LOSS_CHECKPOINT = "checkpoint_best_val_loss.pth"
 
@@ -223,10 +234,13 @@ class XBoundNetTrainer_Adam(XBoundNetTrainer):
         super().on_epoch_end()
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """Resuming (`--c`): early stopping's state is rebuilt from the logged validation losses, the best
-        weights from `checkpoint_best_val_loss.pth` when it belongs to an epoch before the resumed one."""
+        """Resuming (`--c`): early stopping's and the plateau scheduler's state are rebuilt from the logged
+        validation losses, the best weights from `checkpoint_best_val_loss.pth` when it belongs to an epoch
+        before the resumed one."""
         super().load_checkpoint(filename_or_checkpoint)
         losses = list(self.logger.my_fantastic_logging.get("val_losses", []))[: self.current_epoch]
+        if isinstance(self.lr_scheduler, ValidationLossPlateau):
+            self.lr_scheduler.replay(losses)
         if losses:
             best = int(np.argmin(losses))
             self._best_val_loss, self._best_epoch = float(losses[best]), best
