@@ -136,6 +136,61 @@ def test_outputs_equal_a_whole_volume_numpy_accumulation_of_the_same_samples(mem
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (label, key)
 
 
+def test_one_member_without_mc_equals_numpy_on_the_whole_volume(member, tmp_path, monkeypatch):
+    """One sample (no accumulators): the maps computed slab by slab (slabs of a few rows forced here) equal numpy
+    on the whole volume; mutual information and variance are exactly 0 (one sample is its own mean)."""
+    from nnunet_kaz.uncertainty import measures
+    from nnunet_kaz.uncertainty.streaming import StreamingStats
+
+    monkeypatch.setattr(measures, "SLAB_VOXELS", 64)
+    monkeypatch.setattr(StreamingStats, "SLAB_VOXELS", 64)
+    folder, images = member
+    predictor = UncertaintyPredictor([parse_member(f"{folder}:0")], mc=0, device="cpu", verbose=False)
+    logits = []
+    own = predictor.probabilities
+
+    def recording(batch):
+        logits.append(batch.double().numpy().copy())
+        return own(batch)
+
+    predictor.probabilities = recording
+    result = predictor.predict_case([first_image(images)], tmp_path / "case")
+    _, props = predictor.preprocess([first_image(images)])
+    z = logits[0][0]
+    s = np.exp(z - z.max(0, keepdims=True))
+    s /= s.sum(0, keepdims=True)
+    probs = to_input_geometry(predictor, props, s, background=True)
+    np.testing.assert_allclose(result["probabilities"], probs, atol=2e-5)
+    entropy = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(0) / np.log(s.shape[0])
+    np.testing.assert_allclose(result["entropy"], entropy, atol=2e-5)
+    assert not result["mutual_information"].any() and not result["variance"].any()
+    assert result["variance"].shape == result["probabilities"].shape
+    assert result["mutual_information"].shape == result["entropy"].shape
+    with np.load(tmp_path / "case_uncertainty.npz") as f:
+        assert f["variance"].shape == result["probabilities"].shape and not f["variance"].any()
+    u = to_input_geometry(predictor, props, -(s * np.log(np.clip(s, 1e-300, None))))
+    masks = s >= 0.5
+    ref = AccumulatedStats(1, s, np.zeros_like(s), None, None, masks.astype(np.uint8),
+                           masks.reshape(1, s.shape[0], -1).sum(-1))
+    ratio = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props).voxel_volume_ratio
+    for row, (channel, label) in zip(result["scores"], predictor._foreground()):
+        expected = class_scores(ref, channel, probs[channel], u[channel], ratio)
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (label, key)
+
+
+def test_by_slabs_equals_the_function_on_the_whole_array():
+    from nnunet_kaz.uncertainty.measures import binary_entropy, by_slabs, normalized_entropy
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=(7, 5, 3)).transpose(3, 0, 1, 2).astype(np.float32)
+    for slab in (1, 15, 16, 1000):
+        np.testing.assert_array_equal(by_slabs(normalized_entropy, p, axis=1, slab_voxels=slab), normalized_entropy(p))
+        got = by_slabs(binary_entropy, p[1], slab_voxels=slab)
+        assert got.dtype == binary_entropy(p[1]).dtype
+        np.testing.assert_array_equal(got, binary_entropy(p[1]))
+
+
 def test_forced_cpu_fallback_and_bounded_mc_batch_give_identical_outputs(kits_member, tmp_path):
     """A memory budget of 1 byte forces the GPU's fallback path on the CPU: accumulators and stitching in CPU
     memory, the requested MC batch of 3 bounded to 1; the outputs equal those of an unbounded run asked for

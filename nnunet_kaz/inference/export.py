@@ -51,6 +51,17 @@ class GeometryRestorer:
             res = insert_crop_into_image(full, res, self.props["bbox_used_for_cropping"])
         return res if axes == sorted(axes) else np.ascontiguousarray(res.transpose(axes))
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial shape of the input image in nnU-Net's original axis order (what `maps` returns)."""
+        before = [int(s) for s in self.props["shape_before_cropping"]]
+        return tuple(before[i] for i in self.pm.transpose_backward)
+
+    def zeros(self, n_channels: int) -> np.ndarray:
+        """(K, *original) zeros, as `maps` of an all-zero array gives, without resampling or copying (np.zeros
+        maps the pages lazily: they take no memory until written)."""
+        return np.zeros((n_channels, *self.shape), dtype=np.float32)
+
     def maps(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """(K, *preprocessed) -> (K, *original), outside the crop `fill`."""
         return self._uncrop(self._resample(array), fill)
@@ -82,7 +93,7 @@ def write_map(array: np.ndarray, path: Path, properties: dict, scale: float = 1.
         if "sitk_stuff" in properties:
             stuff = properties["sitk_stuff"]
             arr = array[0] if len(stuff["spacing"]) == 2 else array
-            img = sitk.GetImageFromArray(arr.astype(np.float32))
+            img = sitk.GetImageFromArray(np.asarray(arr, dtype=np.float32))  # SimpleITK copies: no copy of ours
             img.SetSpacing(stuff["spacing"])
             img.SetOrigin(stuff["origin"])
             img.SetDirection(stuff["direction"])

@@ -27,7 +27,7 @@ from nnunet_kaz.inference.members import Member, load_models, parse_member
 from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
-from nnunet_kaz.uncertainty.measures import normalized_entropy
+from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats, accumulator_bytes_per_voxel
 
@@ -212,8 +212,11 @@ class UncertaintyPredictor:
         004's U(x) is exported one class at a time, for that class's score only."""
         geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
         raw = geo.probabilities(stats.mean, self.regions)
-        sample_entropy = geo.maps(stats.sample_entropy()[None])[0]
+        single = stats.n_samples == 1  # then MI and the variance are 0 by definition (one sample is its own mean)
+        sample_entropy = None if single else geo.maps(stats.sample_entropy()[None])[0]
         stats.mean_entropy = None
+        if not single:  # the scores need the mean no more (U(x) comes from mean_plogp)
+            stats.mean = None
         ratio = geo.voxel_volume_ratio
         rows = [{"label": label, **class_scores(stats, channel, raw[channel],
                                                 geo.maps(stats.u_sample(channel)[None])[0],  # U(x), nats
@@ -221,11 +224,15 @@ class UncertaintyPredictor:
                  "n_members": len(self.models), "n_samples": stats.n_samples}
                 for channel, label in self._foreground()]
         stats.mean = stats.mean_plogp = None  # (one sample: U(x) and the entropy came from the mean)
-        entropy = normalized_entropy(raw, self.regions).astype(np.float32, copy=False)
-        mi = entropy - sample_entropy
-        np.clip(mi, 0.0, None, out=mi)
+        entropy = by_slabs(lambda p: normalized_entropy(p, self.regions), raw, axis=1).astype(np.float32, copy=False)
+        # one sample: zeros made in the output geometry, which take no memory until written (issue 15)
+        if single:
+            mi = geo.zeros(1)[0]
+        else:
+            mi = entropy - sample_entropy
+            np.clip(mi, 0.0, None, out=mi)
         del sample_entropy
-        variance = geo.maps(stats.variance)
+        variance = geo.zeros(stats.counts.shape[0]) if single else geo.maps(stats.variance)
         stats.var = None
         result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32, copy=False),
                   "variance": variance, "scores": rows}
@@ -234,8 +241,8 @@ class UncertaintyPredictor:
 
             result["probabilities"] = apply_calibration(raw, self.calibration)
             if self.calibrated_entropy:
-                result["calibrated_entropy"] = normalized_entropy(result["probabilities"],
-                                                                  self.regions).astype(np.float32)
+                result["calibrated_entropy"] = by_slabs(lambda p: normalized_entropy(p, self.regions),
+                                                        result["probabilities"], axis=1).astype(np.float32)
         if self.conformal is not None:  # on the output probabilities (calibrated with --calibration), as fitted
             result["conformal"] = self.conformal.masks(result["probabilities"])
             for row in rows:

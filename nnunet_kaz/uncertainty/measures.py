@@ -59,6 +59,29 @@ def _normalized_entropy_along(probs, axis: int, regions: bool):
     return -_xlogx(probs).sum(axis) / math.log(n)
 
 
+SLAB_VOXELS = 1 << 18
+
+
+def by_slabs(fn, array: np.ndarray, axis: int = 0, slab_voxels: int | None = None) -> np.ndarray:
+    """`fn(array)` for a voxel-wise `fn` that drops the axes before `axis` (e.g. the class axis), computed slab by
+    slab of `array`'s `axis` into one output of `fn`'s dtype: the same values, since every voxel's arithmetic is
+    its own, but the temporaries of `fn` (a float copy of every class and its logarithm, 8 C bytes per voxel for
+    an entropy) are a slab's instead of a whole 3D volume's."""
+    array = np.asarray(array)
+    n = array.shape[axis]
+    slab_voxels = SLAB_VOXELS if slab_voxels is None else slab_voxels
+    rows = max(1, slab_voxels // max(1, int(np.prod(array.shape[axis + 1:]))))
+    if rows >= n:
+        return fn(array)
+    index = (slice(None),) * axis
+    first = fn(array[index + (slice(0, rows),)])
+    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for z in range(rows, n, rows):
+        out[z:z + rows] = fn(array[index + (slice(z, z + rows),)])
+    return out
+
+
 def batch_normalized_entropy(probs: torch.Tensor, regions: bool = False) -> torch.Tensor:
     """`normalized_entropy` of every sample of a (B, C, *spatial) batch: (B, *spatial)."""
     return _normalized_entropy_along(probs, 1, regions)

@@ -9,6 +9,7 @@ import numpy as np
 
 from nnunet_kaz.uncertainty.measures import (
     binary_entropy,
+    by_slabs,
     coefficient_of_variation,
     labelled_uncertainty,
     pooled_pairwise_dice,
@@ -35,7 +36,7 @@ def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_s
       ratio over all pairs (biased upward when sample volumes differ);
     - labelled_uncertainty: paper 004's mean U over voxels with mean p >= 0.5.
     """
-    h_bits = binary_entropy(p_class)
+    h_bits = by_slabs(binary_entropy, p_class)
     return {"mean_entropy": float(h_bits.mean()),
             "relunet_score": relunet_score(p_class, h_bits, convention="authors"),
             "relunet_score_cross": relunet_score(p_class, h_bits, convention="cross"),

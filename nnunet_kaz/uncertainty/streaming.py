@@ -286,7 +286,10 @@ class StreamingStats:
             raise ValueError(f"{n_before + b} samples added to accumulators sized for {self.max_samples}")
         if self.single:
             self.sum_mean = probs[0].to(self.device, torch.float32)  # kept as is when float32 on this device
-            self.volumes.append((probs[0] >= 0.5).flatten(1).sum(-1).cpu().numpy())
+            volumes = torch.zeros(probs.shape[1], dtype=torch.int64)
+            for sl in self._slabs():  # torch sums a bool tensor through an int64 copy of it: slab by slab
+                volumes += (self.sum_mean[:, sl] >= 0.5).flatten(1).sum(-1).cpu()
+            self.volumes.append(volumes.numpy())
             self._add_masks(probs)
             return
         n_after = n_before + b
@@ -302,7 +305,7 @@ class StreamingStats:
             self.sum_entropy[sl] += batch_normalized_entropy(p, self.regions).sum(0)
             binary = p >= 0.5
             self.counts[:, sl] += binary.sum(0, dtype=self.counts.dtype)
-            volumes += binary.flatten(2).sum(-1).cpu()
+            volumes += binary.flatten(2).sum(-1).cpu()  # per slab: torch sums bool through an int64 copy
         self.volumes.extend(volumes.numpy())
         self._add_masks(probs)
 
