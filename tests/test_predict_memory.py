@@ -67,6 +67,22 @@ def first_image(images) -> str:
     return str(sorted(images.glob("*_0000.*"))[0])
 
 
+def recorded_prediction(predictor, images, out_stem):
+    """`predict_case` on the first image, recording the logits of every batch as the predictor makes them:
+    (result, the preprocessing properties, [float64 (B, C, *preprocessed) logits per batch])."""
+    logits = []
+    own = predictor.probabilities
+
+    def recording(batch):
+        logits.append(batch.double().numpy().copy())
+        return own(batch)
+
+    predictor.probabilities = recording
+    result = predictor.predict_case([first_image(images)], out_stem)
+    _, props = predictor.preprocess([first_image(images)])
+    return result, props, logits
+
+
 def to_input_geometry(predictor, props, array: np.ndarray, fill: float = 0.0, background: bool = False):
     """(K, *preprocessed) -> (K, *input): every channel at once through nnU-Net's resampling, as before issue 15."""
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
@@ -92,16 +108,7 @@ def test_outputs_equal_a_whole_volume_numpy_accumulation_of_the_same_samples(mem
     variance within 1e-3 relative + 1e-6, scores within 1e-4 relative (the pairwise-Dice counts exactly)."""
     folder, images = member
     predictor = predictor_of(folder, mc_batch=2)
-    logits = []
-    own = predictor.probabilities
-
-    def recording(batch):
-        logits.append(batch.double().numpy().copy())
-        return own(batch)
-
-    predictor.probabilities = recording
-    result = predictor.predict_case([first_image(images)], tmp_path / "case")
-    _, props = predictor.preprocess([first_image(images)])
+    result, props, logits = recorded_prediction(predictor, images, tmp_path / "case")
     z = np.concatenate(logits)                                   # (6, C, *preprocessed)
     assert z.shape[0] == 6
     s = np.exp(z - z.max(1, keepdims=True))
@@ -146,16 +153,7 @@ def test_one_member_without_mc_equals_numpy_on_the_whole_volume(member, tmp_path
     monkeypatch.setattr(StreamingStats, "SLAB_VOXELS", 64)
     folder, images = member
     predictor = UncertaintyPredictor([parse_member(f"{folder}:0")], mc=0, device="cpu", verbose=False)
-    logits = []
-    own = predictor.probabilities
-
-    def recording(batch):
-        logits.append(batch.double().numpy().copy())
-        return own(batch)
-
-    predictor.probabilities = recording
-    result = predictor.predict_case([first_image(images)], tmp_path / "case")
-    _, props = predictor.preprocess([first_image(images)])
+    result, props, logits = recorded_prediction(predictor, images, tmp_path / "case")
     z = logits[0][0]
     s = np.exp(z - z.max(0, keepdims=True))
     s /= s.sum(0, keepdims=True)
