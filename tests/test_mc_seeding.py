@@ -134,3 +134,24 @@ def test_mc_outputs_do_not_depend_on_the_mc_batch(tiny_kaz, members, trainer, mi
     data, props = other.preprocess(image)
     moved = other.finalize(other.sample_case(data, "case_a"), props)["probabilities"]
     assert np.abs(moved - ref["probabilities"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("row", [0, 37])
+def test_float16_overflow_anywhere_in_the_stitched_logits_is_an_error(row):
+    """The stitched logits are float16 (as nnU-Net's): a logit above 65504 becomes inf and is refused, wherever it
+    lies (the check runs slab by slab over the first spatial axis)."""
+    from nnunet_kaz.inference.sliding_window import predict_samples
+
+    class Spike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return torch.cat([x, -x], 1) * self.w
+
+    data = torch.zeros((1, 40, 128, 128))  # slabs of 16 rows: row 37 lies in the last, partial one
+    assert predict_samples(Spike(), data, (40, 128, 128), 2, 1).isfinite().all()
+    data[0, row, 3, 3] = 1e6
+    with pytest.raises(RuntimeError, match="float16 overflow"):
+        predict_samples(Spike(), data, (40, 128, 128), 2, 1)

@@ -68,17 +68,23 @@ def first_image(images) -> str:
 
 
 def recorded_prediction(predictor, images, out_stem):
-    """`predict_case` on the first image, recording the logits of every batch as the predictor makes them:
+    """`predict_case` on the first image, recording the logits of every batch as the sliding window returns them:
     (result, the preprocessing properties, [float64 (B, C, *preprocessed) logits per batch])."""
+    import nnunet_kaz.inference.predictor as module
+
     logits = []
-    own = predictor.probabilities
+    own = module.predict_samples
 
-    def recording(batch):
+    def recording(*args, **kwargs):
+        batch = own(*args, **kwargs)
         logits.append(batch.double().numpy().copy())
-        return own(batch)
+        return batch
 
-    predictor.probabilities = recording
-    result = predictor.predict_case([first_image(images)], out_stem)
+    module.predict_samples = recording
+    try:
+        result = predictor.predict_case([first_image(images)], out_stem)
+    finally:
+        module.predict_samples = own
     _, props = predictor.preprocess([first_image(images)])
     return result, props, logits
 
@@ -209,7 +215,7 @@ def test_forced_cpu_fallback_and_bounded_mc_batch_give_identical_outputs(kits_me
         assert x == pytest.approx(y, nan_ok=True)
     data, _ = forced.preprocess([image])
     voxels, classes = int(np.prod(data.shape[1:])), free.label_manager.num_segmentation_heads
-    two = voxels * (accumulator_bytes_per_voxel(classes, 6) + 8 + 2 + 2 * 6 * classes)
+    two = voxels * (accumulator_bytes_per_voxel(classes, 6) + 8 + 2 + 2 * 2 * classes)
     assert case_placement(classes, voxels, 6, 3, two) == (True, 2)
 
 
@@ -243,11 +249,13 @@ def test_out_of_memory_during_a_case_retries_it_on_the_cpu_path_with_one_warning
 
 def test_case_placement_by_hand():
     """4 classes, 10 samples (uint8 counts: 13 x 4 + 4 = 56 bytes), 1 input channel (8 bytes), weights 2:
-    66 bytes per voxel fixed, 24 per sample of a batch."""
+    66 bytes per voxel fixed, 8 per sample of a batch (float16 logits; one sample: 4 x 4 + 8 + 2 fixed, 24)."""
     assert accumulator_bytes_per_voxel(4, 10) == 56 and accumulator_bytes_per_voxel(4, 300) == 60
     assert accumulator_bytes_per_voxel(4, None) == 68
     voxels = 1000
     assert case_placement(4, voxels, 10, 8, float("inf")) == (True, 8)
-    assert case_placement(4, voxels, 10, 8, 66_000 + 3 * 24_000 + 5) == (True, 3)   # room for 3 samples
-    assert case_placement(4, voxels, 10, 8, 66_000 + 24_000 - 1) == (False, 1)     # not even one: fallback
+    assert case_placement(4, voxels, 10, 8, 66_000 + 3 * 8_000 + 5) == (True, 3)    # room for 3 samples
+    assert case_placement(4, voxels, 10, 8, 66_000 + 8_000 - 1) == (False, 1)      # not even one: fallback
+    assert case_placement(4, voxels, 1, 1, 26_000 + 24_000) == (True, 1)           # one sample
+    assert case_placement(4, voxels, 1, 1, 26_000 + 24_000 - 1) == (False, 1)
     assert case_placement(4, voxels, 10, 2, 10 ** 9) == (True, 2)                  # never above the request

@@ -139,7 +139,8 @@ def test_rgb_png_for_a_one_channel_dataset_is_refused_before_anything_is_written
 
 
 def test_mc_variance_and_mutual_information_match_the_seeded_samples(tiny_kaz, models, tmp_path, monkeypatch):
-    """Reference: numpy on the very samples the predictor streamed (captured as StreamingStats receives them):
+    """Reference: numpy on the very samples the predictor streamed (captured as StreamingStats receives them,
+    the probabilities of its logits made whole here):
     population variance per class, MI = H(mean) - mean_s H(p_s) with the normalised binary entropy."""
     import nnunet_kaz.inference.predictor as predictor_module
     from nnunet_kaz.uncertainty.streaming import StreamingStats
@@ -150,6 +151,11 @@ def test_mc_variance_and_mutual_information_match_the_seeded_samples(tiny_kaz, m
         def add(self, probs):
             captured.append(probs.detach().double().cpu().numpy())
             return super().add(probs)
+
+        def add_logits(self, logits, nonlin):  # the predictor's route: probabilities made slab by slab inside
+            if not self.single:
+                captured.append(nonlin(logits).detach().double().cpu().numpy())
+            return super().add_logits(logits, nonlin)
 
     monkeypatch.setattr(predictor_module, "StreamingStats", Recording)
     members = [parse_member(f"{models[DROPOUT]}:0"), parse_member(f"{models[DROPOUT]}:0")]

@@ -265,6 +265,35 @@ def test_slab_by_slab_accumulation_equals_numpy_on_the_whole_volume(shape, monke
         stats.add(torch.from_numpy(samples[:1].astype(np.float32)))
 
 
+@pytest.mark.parametrize("regions", [False, True])
+def test_adding_logits_slab_by_slab_equals_adding_their_probabilities(regions, monkeypatch):
+    """`add_logits` (the probabilities made slab by slab inside the accumulation) gives the statistics of `add` on
+    the whole probabilities within float32 rounding (torch's softmax may round a slab 1 ulp apart from the whole),
+    and the same counts, volumes and pairwise intersections, for batches of 1 and 3."""
+    rng = np.random.default_rng(8)
+    shape = (5, 4, 6)
+    logits = torch.from_numpy(rng.normal(size=(7, 3, *shape)).astype(np.float16) * 3)
+
+    def nonlin(z):
+        z = z.float()
+        return torch.sigmoid(z) if regions else torch.softmax(z, 1)
+
+    monkeypatch.setattr(StreamingStats, "SLAB_VOXELS", 2 * 4 * 6 - 1)  # 1 row per slab
+    whole, slabs = (StreamingStats(3, shape, regions, max_samples=7) for _ in range(2))
+    for start, b in ((0, 1), (1, 3), (4, 3)):
+        whole.add(nonlin(logits[start:start + b]))
+        slabs.add_logits(logits[start:start + b], nonlin)
+    a, b = whole.result(), slabs.result()
+    for key in ("mean", "var", "mean_plogp", "mean_entropy"):
+        np.testing.assert_allclose(getattr(b, key), getattr(a, key), rtol=0, atol=3e-7, err_msg=key)
+    for key in ("counts", "volumes"):
+        np.testing.assert_array_equal(getattr(b, key), getattr(a, key), err_msg=key)
+    assert a.intersections.keys() == b.intersections.keys() == ({0, 1, 2} if regions else {1, 2})
+    for c in a.intersections:
+        np.testing.assert_array_equal(b.intersections[c], a.intersections[c])
+    assert a.intersections[1].shape == (7, 7) and a.intersections[1].diagonal().sum() > 0
+
+
 def test_more_samples_than_announced_is_an_error():
     stats = StreamingStats(2, (2, 2), max_samples=1)
     stats.add(torch.full((1, 2, 2, 2), 0.5))

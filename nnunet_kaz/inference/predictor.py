@@ -67,13 +67,15 @@ def case_placement(n_channels: int, n_voxels: int, n_samples: int, mc_batch: int
 
     Counted per voxel of the preprocessed volume: the dense accumulators (`accumulator_bytes_per_voxel`), the
     image and its padded copy (float32 per input channel) and the stitching weights (float16); per sample of a
-    batch, its stitched float16 logits and float32 probabilities (6 bytes per class). When even one sample does
+    batch, its stitched float16 logits (2 bytes per class: the probabilities go into the accumulators slab by
+    slab, `StreamingStats.add_logits`), and for a single sample also its float32 probabilities (6 bytes per
+    class, the probabilities then being the kept mean). When even one sample does
     not fit, the accumulators and the stitching go to (pinned) CPU memory, as nnU-Net's predictor moves its
     logits there, and only the tiles run on the device, one sample at a time (the smallest footprint, for a
     case that is short of memory already). Otherwise the batch is the largest that fits, at most `mc_batch`.
     Network activations are not counted (they are per tile, not per volume)."""
     fixed = n_voxels * (accumulator_bytes_per_voxel(n_channels, n_samples) + 8 * input_channels + 2)
-    per_sample = n_voxels * n_channels * 6
+    per_sample = n_voxels * n_channels * (6 if n_samples == 1 else 2)
     if fixed + per_sample > budget:
         return False, 1
     room = budget - fixed
@@ -176,10 +178,9 @@ class UncertaintyPredictor:
                 keys = [(self.seed, case_seed, m_index, k) for k in range(start, start + b)] if self.mc > 0 else None
                 logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes,
                                          results_device, sample_keys=keys)
-                probs = self.probabilities(logits)
+                # probabilities slab by slab into the accumulators: never the batch's whole float32 volume
+                stats.add_logits(logits, self.probabilities)
                 del logits  # before the next batch is stitched (one batch of logits alive at a time)
-                stats.add(probs)
-                del probs
                 bar.update(b)
         bar.close()
         return stats.result()
@@ -211,11 +212,12 @@ class UncertaintyPredictor:
         preprocessed-space statistics and the input-geometry maps are not all alive at once (issue 15); paper
         004's U(x) is exported one class at a time, for that class's score only."""
         geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
-        raw = geo.probabilities(stats.mean, self.regions)
         single = stats.n_samples == 1  # then MI and the variance are 0 by definition (one sample is its own mean)
+        # several samples: the scores need the mean no more (U(x) comes from mean_plogp), so it may be overwritten
+        raw = geo.probabilities(stats.mean, self.regions, consume=not single)
         sample_entropy = None if single else geo.maps(stats.sample_entropy()[None])[0]
         stats.mean_entropy = None
-        if not single:  # the scores need the mean no more (U(x) comes from mean_plogp)
+        if not single:
             stats.mean = None
         ratio = geo.voxel_volume_ratio
         rows = [{"label": label, **class_scores(stats, channel, raw[channel],

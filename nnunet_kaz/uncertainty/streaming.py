@@ -292,10 +292,54 @@ class StreamingStats:
             self.volumes.append(volumes.numpy())
             self._add_masks(probs)
             return
+        self._accumulate(probs.shape[0], lambda sl: probs[:, :, sl])
+        self._add_masks(probs)
+
+    @torch.no_grad()
+    def add_logits(self, logits: torch.Tensor, nonlin) -> None:
+        """`add(nonlin(logits))` for a (B, C, *spatial) batch of logits, without the batch's probabilities as a
+        whole: `nonlin` (voxel-wise: softmax or sigmoid) is applied slab by slab and each slab accumulated, so the
+        float32 probabilities of the whole volume (4 C bytes per voxel and sample) never exist (issue 15). The same
+        values as `add`, bit for bit (every voxel's arithmetic is its own). One sample (`max_samples == 1`) is kept
+        as the mean, so there it is `add`."""
+        if self.single or self._result is not None:
+            return self.add(nonlin(logits))
+        if tuple(logits.shape[1:]) != self.shape:
+            raise ValueError(f"logits of shape {tuple(logits.shape[1:])} added to accumulators of shape {self.shape}")
+        b = logits.shape[0]
+        if self.max_samples is not None and self.n_samples + b > self.max_samples:
+            raise ValueError(f"{self.n_samples + b} samples added to accumulators sized for {self.max_samples}")
+        # the pairwise Dice's 0.5-masks, one sample at a time (1 byte per voxel and tracked class): gathered while
+        # accumulating for one sample, else from a second slab-wise pass per sample (a few percent of a sample's
+        # cost, against b x classes bytes per voxel of CPU memory for a GPU batch of b)
+        masks = {c: np.empty(self.spatial_shape, dtype=bool) for c in self.pairwise} if b == 1 else None
+
+        def slab(sl):
+            p = nonlin(logits[:, :, sl])
+            for c, m in (masks or {}).items():
+                m[sl] = (p[0, c] >= 0.5).cpu().numpy()
+            return p
+
+        self._accumulate(b, slab)
+        for s in range(b):
+            if masks is None:
+                masks = {c: np.empty(self.spatial_shape, dtype=bool) for c in self.pairwise}
+                for sl in self._slabs():
+                    p = nonlin(logits[s:s + 1, :, sl])
+                    for c, m in masks.items():
+                        m[sl] = (p[0, c] >= 0.5).cpu().numpy()
+            for c, acc in self.pairwise.items():
+                acc.add(masks[c])
+            masks = None
+
+    def _accumulate(self, b: int, probs_of_slab) -> None:
+        """Chan et al.'s batched Welford update of `b` samples, slab by slab (class docstring); `probs_of_slab(sl)`
+        gives the (b, C, *slab) probabilities of the slab `sl` of the first spatial axis."""
+        n_before = self.n_samples
         n_after = n_before + b
-        volumes = torch.zeros((b, probs.shape[1]), dtype=torch.int64)
-        for sl in self._slabs():  # Chan et al.'s batched Welford update, slab by slab (class docstring)
-            p = probs[:, :, sl].to(self.sum_mean.device, torch.float32)
+        volumes = torch.zeros((b, self.shape[0]), dtype=torch.int64)
+        for sl in self._slabs():
+            p = probs_of_slab(sl).to(self.sum_mean.device, torch.float32)
             mean, m2 = self.sum_mean[:, sl], self.m2[:, sl]
             batch_mean = p.mean(0)
             delta = batch_mean - mean
@@ -307,7 +351,6 @@ class StreamingStats:
             self.counts[:, sl] += binary.sum(0, dtype=self.counts.dtype)
             volumes += binary.flatten(2).sum(-1).cpu()  # per slab: torch sums bool through an int64 copy
         self.volumes.extend(volumes.numpy())
-        self._add_masks(probs)
 
     def _add_masks(self, probs: torch.Tensor) -> None:
         for channel, acc in self.pairwise.items():
