@@ -4,7 +4,7 @@ Every step runs the command a user would type (printed before it runs), inside O
 1. phantom KAZ slices as BMP folders (images/, masks/ = rough annotations, truth/ = true zones);
 2. `nnunet-kaz convert-kaz` -> nnU-Net raw dataset, patient-wise splits, held-out test patients;
 3. `nnUNetv2_plan_and_preprocess` (stock);
-4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1, and `-tr XBoundNetTrainerSGDR_demo`
+4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1, and `-tr XBoundNetTrainerSGDR_demo_seed0`
    (two SGDR cycles, snapshots);
 5. `nnunet-kaz predict` on the fold-0 validation patients with the fold-0 seed ensemble and MC dropout,
    `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices)
@@ -21,7 +21,7 @@ Every step runs the command a user would type (printed before it runs), inside O
 9. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
 10. the KiTS23 3D part: `nnunet-kaz phantom --kind kits3d --format kits23` (three raters per case) ->
    `nnunet-kaz convert-kits23 --regions` -> `nnunet-kaz splits` -> `nnunet-kaz plan -c 3d_fullres` ->
-   `nnUNetv2_train ... -p nnUNetXBoundNetPlans -tr XBoundNetTrainer_demo` (fold 0) -> `nnunet-kaz predict --mc`
+   `nnUNetv2_train ... -p nnUNetXBoundNetPlans -tr XBoundNetTrainer_demo_seed0` (fold 0) -> `nnunet-kaz predict --mc`
    on fold 0's validation cases -> `nnunet-kaz evaluate --kits23 --uncertainty --scores --raters` (region Dice and
    Surface Dice, failure detection, rater agreement);
 11. `report.html`, self-contained.
@@ -47,7 +47,7 @@ CONFIG = "2d"
 PLANS = "nnUNetPlans"
 SEEDS = (0, 1)
 FOLDS = (0, 1)
-SGDR = "XBoundNetTrainerSGDR_demo"
+SGDR = "XBoundNetTrainerSGDR_demo_seed0"  # seeded, as every demo trainer: the same figures run after run
 LABEL = "ablation_zone"  # the demo dataset.json's foreground label
 ALPHA = 0.1  # conformal risk control: bound on the expected false-negative rate
 K23_ID = 503
@@ -55,7 +55,7 @@ K23_NAME = "KiTS23Phantom"
 K23_DATASET = f"Dataset{K23_ID:03d}_{K23_NAME}"
 K23_CONFIG = "3d_fullres"
 K23_PLANS = "nnUNetXBoundNetPlans"
-K23_TRAINER = "XBoundNetTrainer_demo"
+K23_TRAINER = "XBoundNetTrainer_demo_seed0"
 
 
 def seeded(seed: int) -> str:

@@ -250,13 +250,15 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
     rep.figure(gradcam, "Grad-CAM of the ablation-zone logits over the annotation, block by block")
 
     rep.heading("Training")
-    manifest = json.loads((demo.results("XBoundNetTrainerSGDR_demo") / "fold_0" / "snapshots.json").read_text())
+    from nnunet_kaz.demo import SGDR
+
+    manifest = json.loads((demo.results(SGDR) / "fold_0" / "snapshots.json").read_text())
     rep.text(f"SGDR cycles end at epochs {manifest['cycle_ends']}; the top {manifest['top_k']} checkpoints of the "
              f"last {manifest['window']} epochs of each cycle by EMA pseudo-Dice were kept:")
     rep.table(pd.DataFrame(manifest["snapshots"]), digits=4)
     rep.figure(demo.results("XBoundNetTrainer_demo_seed0") / "fold_0" / "progress.png",
                "nnU-Net's training progress, seed 0, fold 0")
-    rep.figure(demo.results("XBoundNetTrainerSGDR_demo") / "fold_0" / "progress.png",
+    rep.figure(demo.results(SGDR) / "fold_0" / "progress.png",
                "SGDR run: learning rate with warm restarts")
 
     rep.heading("Commands run")
@@ -311,7 +313,7 @@ def conformal_section(rep: HtmlReport, demo, folders: dict[str, Path]) -> None:
 
 
 def kits23_section(rep: HtmlReport, demo) -> None:
-    from nnunet_kaz.demo import K23_DATASET
+    from nnunet_kaz.demo import K23_DATASET, K23_TRAINER
 
     ev = demo.k23_evaluation
     if not (ev / "kits23_summary.csv").is_file():
@@ -320,7 +322,7 @@ def kits23_section(rep: HtmlReport, demo) -> None:
     rep.text(f"{demo.k23_cases} phantom cases of {' x '.join(map(str, demo.k23_size))} voxels in the KiTS23 layout "
              "(three raters' annotations per case differing at the boundaries) -> convert-kits23 --regions "
              f"({K23_DATASET}, nested regions kidney+masses, masses, tumour) -> a tiny 3D XBoundNet++ "
-             "(XBoundNetTrainer_demo, fold 0 of 2) -> nnunet-kaz predict with "
+             f"({K23_TRAINER}, fold 0 of 2) -> nnunet-kaz predict with "
              f"{demo.k23_mc} MC-dropout samples on fold 0's validation cases -> evaluate --kits23.")
     rep.table(pd.read_csv(ev / "kits23_summary.csv"))
     rep.text("Region Dice and Surface Dice at the challenge's tolerances (kidney_and_mass 1.0331 mm, mass 1.1329 "
