@@ -300,8 +300,9 @@ class StreamingStats:
         """`add(nonlin(logits))` for a (B, C, *spatial) batch of logits, without the batch's probabilities as a
         whole: `nonlin` (voxel-wise: softmax or sigmoid) is applied slab by slab and each slab accumulated, so the
         float32 probabilities of the whole volume (4 C bytes per voxel and sample) never exist (issue 15). The same
-        values as `add`, bit for bit (every voxel's arithmetic is its own). One sample (`max_samples == 1`) is kept
-        as the mean, so there it is `add`."""
+        values as `add` of probabilities made slab by slab, as the predictor's `probabilities` makes them (torch's
+        softmax of a whole volume may round 1 ulp apart). One sample (`max_samples == 1`) is kept as the mean, so
+        there it is `add`."""
         if self.single or self._result is not None:
             return self.add(nonlin(logits))
         if tuple(logits.shape[1:]) != self.shape:
