@@ -11,7 +11,6 @@ imports (which differ between the two packages) cancel. `BENCH3D_ROOT=DIR` keeps
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predictor import child_peak, run_cmd  # noqa: E402  (one launcher for every memory figure)
+from bench_predictor import capped_plans, child_peak, run_cmd  # noqa: E402  (one launcher for every memory figure)
 
 DATASET_ID, DATASET = 985, "Dataset985_Kits3dBench"
 TRAINER, PLANS = "nnUNetTrainerDropout_p02_debug", "nnUNetBench3dPlans"
@@ -67,13 +66,7 @@ def setup(root: Path) -> tuple[dict[str, str], Path, Path]:
         log("nnUNetv2_plan_and_preprocess")
         run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"],
                 dict(env, nnUNet_n_proc_DA="1"))
-        plans_dir = root / "nnUNet_preprocessed" / DATASET
-        plans = json.loads((plans_dir / "nnUNetPlans.json").read_text())
-        plans["plans_name"] = PLANS
-        kw = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-        kw["features_per_stage"] = [min(MAX_FEATURES, f) for f in kw["features_per_stage"]]
-        plans["configurations"]["3d_fullres"]["batch_size"] = 2
-        (plans_dir / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+        capped_plans(root / "nnUNet_preprocessed" / DATASET, "3d_fullres", PLANS, MAX_FEATURES, batch_size=2)
         log(f"nnUNetv2_train {TRAINER} fold 0")
         run_cmd(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
                 env)

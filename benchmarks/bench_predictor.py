@@ -85,6 +85,20 @@ def patched_environ(values: dict[str, str]):
 
 
 # --- setup ----------------------------------------------------------------------------------------------------
+def capped_plans(plans_dir: Path, configuration: str, target: str, max_features: int,
+                 batch_size: int | None = None) -> None:
+    """nnUNetPlans.json copied as `target` with `configuration`'s features per stage capped at `max_features` (and
+    its batch size set, if given): the planned topology with a network small enough for 2 CPU cores."""
+    plans = json.loads((plans_dir / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = target
+    cfg = plans["configurations"][configuration]
+    kw = cfg["architecture"]["arch_kwargs"]
+    kw["features_per_stage"] = [min(max_features, f) for f in kw["features_per_stage"]]
+    if batch_size is not None:
+        cfg["batch_size"] = batch_size
+    (plans_dir / f"{target}.json").write_text(json.dumps(plans, indent=1))
+
+
 def build_members(root: Path) -> tuple[dict[str, str], Path, Path]:
     """Phantom -> nnUNetv2_plan_and_preprocess -> narrower plans -> nnUNetv2_train fold 0 -> folds 1-4 as copies.
     Returns (environment, results folder, test image folder)."""
@@ -101,12 +115,7 @@ def build_members(root: Path) -> tuple[dict[str, str], Path, Path]:
     log("nnUNetv2_plan_and_preprocess")
     run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"],
             dict(env, nnUNet_n_proc_DA="1"))
-    plans_dir = root / "nnUNet_preprocessed" / DATASET
-    plans = json.loads((plans_dir / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
-    kw = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    kw["features_per_stage"] = [min(MAX_FEATURES, f) for f in kw["features_per_stage"]]
-    (plans_dir / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+    capped_plans(root / "nnUNet_preprocessed" / DATASET, "2d", PLANS, MAX_FEATURES)
     log(f"nnUNetv2_train {TRAINER} fold 0")
     run_cmd(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
             dict(env, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1"))

@@ -87,26 +87,24 @@ def kits23_summary(table: pd.DataFrame) -> dict:
     return out
 
 
+def _label_set(value) -> tuple[int, ...]:
+    """The labels a dataset.json `labels` value stands for: a region's list, or one label."""
+    return tuple(sorted(int(x) for x in value)) if isinstance(value, (list, tuple)) else (int(value),)
+
+
 def dataset_regions(labels: dict) -> dict[str, str]:
     """{dataset.json label name: KiTS23 region} of a region-based KiTS23 dataset.json `labels` entry
     (nnU-Net's Dataset220 names them kidney (1, 2, 3), masses (2, 3), tumor 2); {} for any other entry.
     The predictor names its per-region scores by the dataset.json names; evaluation reports KiTS23's."""
+    fg = {k: _label_set(v) for k, v in labels.items() if k != "background"}
+    if set(fg.values()) != set(KITS23_REGIONS.values()):
+        return {}
     by_labels = {labs: name for name, labs in KITS23_REGIONS.items()}
-    out = {}
-    for k, v in labels.items():
-        if k == "background":
-            continue
-        labs = tuple(sorted(int(x) for x in v)) if isinstance(v, (list, tuple)) else (int(v),)
-        if labs not in by_labels:
-            return {}
-        out[k] = by_labels[labs]
-    return out if any(isinstance(v, (list, tuple)) for v in labels.values()) and len(set(out.values())) == 3 else {}
+    return {k: by_labels[labs] for k, labs in fg.items()}
 
 
 def is_kits23_labels(labels: dict) -> bool:
     """Whether a dataset.json `labels` entry is KiTS23's: kidney 1, tumour 2, cyst 3 as plain labels, or the
     regions kidney (1, 2, 3), masses (2, 3), tumor 2 of a region-based dataset."""
-    def norm(v):
-        return tuple(sorted(int(x) for x in v)) if isinstance(v, (list, tuple)) else (int(v),)
-    values = {norm(v) for k, v in labels.items() if k != "background"}
-    return values == {(1,), (2,), (3,)} or values == {(1, 2, 3), (2, 3), (2,)}
+    values = {_label_set(v) for k, v in labels.items() if k != "background"}
+    return values == {(1,), (2,), (3,)} or bool(dataset_regions(labels))

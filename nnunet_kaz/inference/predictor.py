@@ -27,7 +27,7 @@ from nnunet_kaz.inference.members import Member, load_models, parse_member
 from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
-from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy
+from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy, slabs
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats, StreamingStats, accumulator_bytes_per_voxel
 
@@ -194,10 +194,9 @@ class UncertaintyPredictor:
         float32 copies of the batch at once, most of the single-member peak on a 3D volume, issue 15). The
         nonlinearity acts on each voxel's classes alone, so the slabs give the same values."""
         out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        rows = max(1, StreamingStats.SLAB_VOXELS // max(1, int(np.prod(logits.shape[3:]))))
         for s in range(logits.shape[0]):
-            for z in range(0, logits.shape[2], rows):
-                out[s, :, z:z + rows] = self.label_manager.apply_inference_nonlin(logits[s, :, z:z + rows])
+            for sl in slabs(logits.shape[2:], StreamingStats.SLAB_VOXELS):
+                out[s, :, sl] = self.label_manager.apply_inference_nonlin(logits[s, :, sl])
         return out
 
     def finalize(self, stats: AccumulatedStats, props: dict) -> dict:
@@ -325,9 +324,8 @@ class UncertaintyPredictor:
         chain = self.postprocessing
         if chain is None:  # slab by slab into `dtype`: nnU-Net's argmax gives int64, 8 bytes per voxel at once
             seg = np.empty(probs.shape[1:], dtype=dtype)
-            rows = max(1, StreamingStats.SLAB_VOXELS // max(1, int(np.prod(probs.shape[2:]))))
-            for z in range(0, probs.shape[1], rows):
-                seg[z:z + rows] = self.label_manager.convert_probabilities_to_segmentation(probs[:, z:z + rows])
+            for sl in slabs(probs.shape[1:], StreamingStats.SLAB_VOXELS):
+                seg[sl] = self.label_manager.convert_probabilities_to_segmentation(probs[:, sl])
             return seg, None
         from nnunet_kaz.postprocessing import PostprocessingChain, Resize
 

@@ -30,6 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.tiling import network_placement, stitch_tiles
 from nnunet_kaz.trainers.seeding import derive_seed
+from nnunet_kaz.uncertainty.measures import slabs
 
 
 def dropout_modules(network: nn.Module) -> list[nn.Module]:
@@ -184,7 +185,6 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
     with per_sample_dropout(network, streams) if streams is not None else nullcontext():
         logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half)
     # slab by slab: torch.isinf of a float16 volume makes an abs copy and a bool map (6 bytes per voxel and class)
-    rows = max(1, (1 << 18) // max(1, math.prod(logits.shape[3:])))
-    if any(torch.isinf(logits[:, :, z:z + rows]).any() for z in range(0, logits.shape[2], rows)):
+    if any(torch.isinf(logits[:, :, sl]).any() for sl in slabs(logits.shape[2:])):
         raise RuntimeError("inf in the accumulated logits (float16 overflow); nnU-Net has the same limit")
     return logits

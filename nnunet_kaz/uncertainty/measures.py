@@ -62,23 +62,30 @@ def _normalized_entropy_along(probs, axis: int, regions: bool):
 SLAB_VOXELS = 1 << 18
 
 
+def slabs(spatial_shape, voxels: int | None = None) -> list[slice]:
+    """Slices of the first spatial axis, each about `voxels` voxels (default `SLAB_VOXELS`, at least one row): the
+    slabs in which the whole-volume steps of prediction and export run, so their temporaries stay a few MiB."""
+    voxels = SLAB_VOXELS if voxels is None else voxels
+    first, rest = int(spatial_shape[0]), int(np.prod(spatial_shape[1:]))
+    rows = max(1, voxels // max(rest, 1))
+    return [slice(z, min(z + rows, first)) for z in range(0, first, rows)]
+
+
 def by_slabs(fn, array: np.ndarray, axis: int = 0, slab_voxels: int | None = None) -> np.ndarray:
     """`fn(array)` for a voxel-wise `fn` that drops the axes before `axis` (e.g. the class axis), computed slab by
     slab of `array`'s `axis` into one output of `fn`'s dtype: the same values, since every voxel's arithmetic is
     its own, but the temporaries of `fn` (a float copy of every class and its logarithm, 8 C bytes per voxel for
     an entropy) are a slab's instead of a whole 3D volume's."""
     array = np.asarray(array)
-    n = array.shape[axis]
-    slab_voxels = SLAB_VOXELS if slab_voxels is None else slab_voxels
-    rows = max(1, slab_voxels // max(1, int(np.prod(array.shape[axis + 1:]))))
-    if rows >= n:
+    parts = slabs(array.shape[axis:], slab_voxels)
+    if len(parts) <= 1:
         return fn(array)
     index = (slice(None),) * axis
-    first = fn(array[index + (slice(0, rows),)])
-    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
-    out[:rows] = first
-    for z in range(rows, n, rows):
-        out[z:z + rows] = fn(array[index + (slice(z, z + rows),)])
+    first = fn(array[index + (parts[0],)])
+    out = np.empty((array.shape[axis], *first.shape[1:]), dtype=first.dtype)
+    out[parts[0]] = first
+    for sl in parts[1:]:
+        out[sl] = fn(array[index + (sl,)])
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nnunet_kaz.uncertainty.measures import batch_normalized_entropy, mean_pairwise_dice
+from nnunet_kaz.uncertainty.measures import batch_normalized_entropy, mean_pairwise_dice, slabs
 
 
 class PairwiseIntersections:
@@ -158,13 +158,6 @@ def accumulator_bytes_per_voxel(n_channels: int, max_samples: int | None = None)
     return 12 * n_channels + 4 + n_channels * torch.empty(0, dtype=count_dtype(max_samples)).element_size()
 
 
-def _slabs(spatial_shape: tuple[int, ...], voxels: int) -> list[slice]:
-    """Slices of the first spatial axis, each about `voxels` voxels (at least one row)."""
-    first, rest = spatial_shape[0], int(np.prod(spatial_shape[1:]))
-    rows = max(1, voxels // max(rest, 1))
-    return [slice(z, min(z + rows, first)) for z in range(0, first, rows)]
-
-
 @dataclass
 class AccumulatedStats:
     """What the maps and scores need, in the space the samples were added in (see `StreamingStats`).
@@ -195,7 +188,7 @@ class AccumulatedStats:
             return self.mean_entropy
         mean = torch.from_numpy(self.mean)
         out = torch.empty(mean.shape[1:], dtype=torch.float32)
-        for sl in _slabs(tuple(mean.shape[1:]), StreamingStats.SLAB_VOXELS):
+        for sl in slabs(mean.shape[1:], StreamingStats.SLAB_VOXELS):
             out[sl] = batch_normalized_entropy(mean[None, :, sl], self.regions)[0]
         return out.numpy()
 
@@ -270,7 +263,7 @@ class StreamingStats:
         self._result: AccumulatedStats | None = None
 
     def _slabs(self) -> list[slice]:
-        return _slabs(self.spatial_shape, self.SLAB_VOXELS)
+        return slabs(self.spatial_shape, self.SLAB_VOXELS)
 
     @torch.no_grad()
     def add(self, probs: torch.Tensor) -> None:
