@@ -20,6 +20,8 @@ from tests.conftest import nnunet_env, run, shrink_plans
 
 pytestmark = pytest.mark.integration
 PLAIN, MHEX = "XBoundNetTrainer_debug", "nnUNetTrainerMHEX_debug"  # MHEX+ heads on nnU-Net's U-Net (>= 3 stages)
+# 3D: refine fits on the predicted component, and the seeded 6-iteration member predicts none on the BIG volume
+MHEX_3D = "nnUNetTrainerMHEX_demo"
 PATCH_2D = (64, 80)
 SIZES_2D = {"A": (64, 72), "B": (49, 69)}  # B: odd sizes, which no network stride divides
 
@@ -140,9 +142,9 @@ def tiny_kits(tmp_path_factory):
     run(["nnUNetv2_plan_and_preprocess", "-d", str(KITS_ID), "-c", "3d_fullres", "-np", "1"],
         dict(env, nnUNet_n_proc_DA="1"))
     shrink_plans(root / "nnUNet_preprocessed", KITS, "nnUNetPlans", "nnUNetTinyPlans", 16)
-    run(["nnUNetv2_train", str(KITS_ID), "3d_fullres", "0", "-tr", MHEX, "-p", "nnUNetTinyPlans", "-device", "cpu"],
-        env)
-    member = root / "nnUNet_results" / KITS / f"{MHEX}__nnUNetTinyPlans__3d_fullres"
+    run(["nnUNetv2_train", str(KITS_ID), "3d_fullres", "0", "-tr", MHEX_3D, "-p", "nnUNetTinyPlans", "-device",
+         "cpu"], env)
+    member = root / "nnUNet_results" / KITS / f"{MHEX_3D}__nnUNetTinyPlans__3d_fullres"
     patch = json.loads((member / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
     assert all(b > p for b, p in zip(BIG, patch)), patch
     for d in ("images", "labels"):

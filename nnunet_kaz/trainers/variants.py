@@ -51,36 +51,44 @@ def variant(base: type, name: str, doc: str, schedule: dict | None = None, mixin
 
 
 def _with_seeds(base: type) -> None:
+    mixins = () if issubclass(base, SeededTrainerMixin) else (SeededTrainerMixin,)
     for s in SEEDS:
         variant(base, f"{base.__name__}_seed{s}", f"{base.__name__} with seed {s} (init, augmentation, dropout).",
-                mixins=(SeededTrainerMixin,), seed=s)
+                mixins=mixins, seed=s)
+
+
+def _test_variant(base: type, name: str, doc: str, schedule: dict, **attrs) -> type:
+    """A variant for the tests, seeded (0) so that a test sees the same trained model on every run: with
+    `nnUNet_n_proc_DA=0` on the CPU its weights are bit-identical from run to run (seeding.py)."""
+    return variant(base, name, f"{doc} Seeded (0).", schedule, mixins=(SeededTrainerMixin,), seed=0, **attrs)
 
 
 _short = [
-    variant(nnUNetTrainer, "nnUNetTrainer_debug", "nnU-Net's default trainer for tests: 2 epochs x 3 iterations.",
-            DEBUG),
-    variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
-            DEBUG),
+    _test_variant(nnUNetTrainer, "nnUNetTrainer_debug", "nnU-Net's default trainer for tests: 2 epochs x 3 iterations.",
+                  DEBUG),
+    _test_variant(XBoundNetTrainer, "XBoundNetTrainer_debug", "XBoundNetTrainer for tests: 2 epochs x 3 iterations.",
+                  DEBUG),
     variant(XBoundNetTrainer, "XBoundNetTrainer_demo", "XBoundNetTrainer for the CPU demo: 10 epochs x 12 "
             "iterations, features capped at 32.", DEMO, max_features=32),
-    variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
-    variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
-            SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
-    variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_debug", "XBoundNetTrainerSGDR for tests: cycles end at 3, 6.",
-            SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    _test_variant(XBoundNetTrainer_Adam, "XBoundNetTrainer_Adam_debug", "XBoundNetTrainer_Adam for tests.", DEBUG),
+    _test_variant(nnUNetTrainerSGDR, "nnUNetTrainerSGDR_debug", "nnUNetTrainerSGDR for tests: cycles end at 3, 6.",
+                  SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    _test_variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_debug",
+                  "XBoundNetTrainerSGDR for tests: cycles end at 3, 6.",
+                  SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
     variant(XBoundNetTrainerSGDR, "XBoundNetTrainerSGDR_demo", "XBoundNetTrainerSGDR for the demo: cycles end at "
             "epochs 4 and 12, top-2 of the last 3 epochs of each, features capped at 32.", SGDR_DEMO,
             max_features=32, **SGDR_DEMO_ATTRS),
 ]
 # loss and augmentation variants (issue 3 item 6)
 _loss_da = [
-    variant(nnUNetTrainerWCE, "nnUNetTrainerWCE_debug", "nnUNetTrainerWCE for tests.", DEBUG),
-    variant(XBoundNetTrainerWCE, "XBoundNetTrainerWCE_debug", "XBoundNetTrainerWCE for tests.", DEBUG),
+    _test_variant(nnUNetTrainerWCE, "nnUNetTrainerWCE_debug", "nnUNetTrainerWCE for tests.", DEBUG),
+    _test_variant(XBoundNetTrainerWCE, "XBoundNetTrainerWCE_debug", "XBoundNetTrainerWCE for tests.", DEBUG),
     variant(XBoundNetTrainer, "XBoundNetTrainer_paperDA", "XBoundNetTrainer with paper 000's augmentation recipe "
             "(30% spatial: flip, +-10% shift, +-20 deg, zoom 0.9-1.1; 30% contrast 0.8-1.2).", mixins=(PaperDAMixin,)),
 ]
-variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
-        "XBoundNetTrainer_paperDA for tests.", DEBUG)
+_test_variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
+              "XBoundNetTrainer_paperDA for tests.", DEBUG)
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
                     f"nnU-Net's network with element-wise dropout p = {p} after every convolution (Gal & "
                     "Ghahramani).", dropout_p=p)
@@ -89,18 +97,21 @@ _dropout += [variant(nnUNetTrainerDropoutSpatial, f"nnUNetTrainerDropoutSpatial_
                      f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after every "
                      "convolution (paper 004).", dropout_p=p)
              for tag, p in DROPOUT_RATES.items()]
-variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
-        "nnUNetTrainerDropout_p02 for tests.", DEBUG)
-variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpatial_p02_debug",
-        "nnUNetTrainerDropoutSpatial_p02 for tests.", DEBUG)
+_test_variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
+              "nnUNetTrainerDropout_p02 for tests.", DEBUG)
+_test_variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpatial_p02_debug",
+              "nnUNetTrainerDropoutSpatial_p02 for tests.", DEBUG)
 
 # MHEX+ heads (issue 7, paper 003)
 _mhex = [
     # the plans' depth: the depth cap leaves 2 stages (one head) on tiny test patches, and the collaboration map
     # needs adjacent heads
-    variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_debug", "XBoundNetTrainerMHEX for tests, at the plans' depth.",
-            DEBUG, keep_planned_depth=True),
-    variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_debug", "nnUNetTrainerMHEX for tests.", DEBUG),
+    _test_variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_debug",
+                  "XBoundNetTrainerMHEX for tests, at the plans' depth.",
+                  DEBUG, keep_planned_depth=True),
+    _test_variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_debug", "nnUNetTrainerMHEX for tests.", DEBUG),
+    _test_variant(nnUNetTrainerMHEX, "nnUNetTrainerMHEX_demo", "nnUNetTrainerMHEX for tests that need a member "
+                  "that segments (the 6-iteration one may predict nothing): 10 epochs x 12 iterations.", DEMO),
     variant(XBoundNetTrainerMHEX, "XBoundNetTrainerMHEX_demo", "XBoundNetTrainerMHEX for the CPU demo: 10 epochs x "
             "12 iterations, features capped at 32.", DEMO, max_features=32),
 ]
