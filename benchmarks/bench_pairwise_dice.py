@@ -57,7 +57,7 @@ def _measure(shape, centre, radii, n, full=False):
     assert abs(mean_pairwise_dice(check.inter, np.diagonal(check.inter)) - np.mean(brute)) < 1e-12
     np.testing.assert_array_equal(check.inter, acc.inter[:30, :30])
     box = int(np.prod(acc._frame_shape()))
-    return {"box": box, "nbytes": acc.nbytes, "raw": n * -(-box // 64) * 8, "peak": peak, "seconds": seconds,
+    return {"box": box, "nbytes": acc.nbytes, "raw": acc.packed_nbytes, "peak": peak, "seconds": seconds,
             "dice": mean_pairwise_dice(acc.inter, np.diagonal(acc.inter)), "n": n}
 
 

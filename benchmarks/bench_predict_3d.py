@@ -88,7 +88,7 @@ STOCK = ("import sys, torch; torch.set_num_threads(1); torch.set_num_threads = l
 # `nnunet-kaz predict` (the CLI's main) that also appends, per case, the bytes its bit-packed sample masks held
 # and what they would hold uncompressed
 OURS = ("import os, sys; from nnunet_kaz.uncertainty import streaming as s; own = s.StreamingStats.result\n"
-        "def result(self):\n raw = sum(p._n_rows * p._words * 8 for p in self.pairwise.values())\n r = own(self)\n"
+        "def result(self):\n raw = sum(p.packed_nbytes for p in self.pairwise.values())\n r = own(self)\n"
         " open(os.environ['PAIRWISE_LOG'], 'a').write(f'{r.pairwise_nbytes} {raw}\\n')\n"
         " return r\n"
         "s.StreamingStats.result = result\nfrom nnunet_kaz.cli import main\nsys.exit(main(['predict', *sys.argv[1:]]))")

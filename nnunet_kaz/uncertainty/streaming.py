@@ -48,6 +48,7 @@ class PairwiseIntersections:
         # others full and compressed, (zlib bytes, shape)
         self._blocks: list[np.ndarray | tuple[bytes, tuple[int, int]]] = []
         self._n_rows = 0
+        self._open_rows = 0                # filled rows of the open (last) block
         self._words = 0                    # uint64 words per packed row of the current frame
         self._inter = np.zeros((16, 16), dtype=np.int64)  # capacity grows by half, so growing is O(N^2) in all
         self._n_before_frame = 0           # empty masks added before any frame existed
@@ -65,9 +66,12 @@ class PairwiseIntersections:
     def nbytes(self) -> int:
         """Bytes of the stored masks: the compressed blocks and the filled rows of the open block (which may hold
         up to 4 MiB of not yet used rows)."""
-        compressed = sum(len(b[0]) for b in self._blocks[:-1])
-        open_rows = self._n_rows - sum(self._block_rows(b) for b in self._blocks[:-1])
-        return compressed + open_rows * self._words * 8
+        return sum(len(b[0]) for b in self._blocks[:-1]) + self._open_rows * self._words * 8
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes the stored masks would hold uncompressed: N * ceil(|frame| / 64) * 8."""
+        return self._n_rows * self._words * 8
 
     def _frame(self) -> tuple[slice, ...]:
         return tuple(slice(int(a), int(b)) for a, b in zip(self.lo, self.hi))
@@ -87,10 +91,6 @@ class PairwiseIntersections:
         return np.unpackbits(row.view(np.uint8), count=int(np.prod(shape))).reshape(shape).astype(bool)
 
     @staticmethod
-    def _block_rows(block) -> int:
-        return len(block) if isinstance(block, np.ndarray) else block[1][0]
-
-    @staticmethod
     def _inflate(block) -> np.ndarray:
         if isinstance(block, np.ndarray):
             return block
@@ -107,15 +107,15 @@ class PairwiseIntersections:
             left -= len(arr)
 
     def _append(self, row: np.ndarray) -> None:
-        filled = self._n_rows - sum(self._block_rows(b) for b in self._blocks[:-1]) if self._blocks else 0
-        if not self._blocks or filled == self._block_rows(self._blocks[-1]):
+        if not self._blocks or self._open_rows == len(self._blocks[-1]):
             if self._blocks:  # the open block is full: compress it
                 full = self._blocks[-1]
                 self._blocks[-1] = (zlib.compress(full.tobytes(), 1), full.shape)
             per_block = max(1, min(256, self.BLOCK_BYTES // max(row.nbytes, 1)))
             self._blocks.append(np.zeros((per_block, row.size), dtype=np.uint64))
-            filled = 0
-        self._blocks[-1][filled] = row
+            self._open_rows = 0
+        self._blocks[-1][self._open_rows] = row
+        self._open_rows += 1
         self._n_rows += 1
         self._words = row.size
 
@@ -125,7 +125,7 @@ class PairwiseIntersections:
         old = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(self.lo, self.hi, lo))
         new_shape = tuple(int(b - a) for a, b in zip(lo, hi))
         blocks, n_rows = self._blocks, self._n_rows
-        self._blocks, self._n_rows = [], 0
+        self._blocks, self._n_rows, self._open_rows = [], 0, 0
         for block, filled in self._rows(blocks, n_rows):
             for k in range(filled):
                 grown = np.zeros(new_shape, dtype=bool)
@@ -336,25 +336,30 @@ class StreamingStats:
         # the pairwise Dice's 0.5-masks, one sample at a time (1 byte per voxel and tracked class): gathered while
         # accumulating for one sample, else from a second slab-wise pass per sample (a few percent of a sample's
         # cost, against b x classes bytes per voxel of CPU memory for a GPU batch of b)
-        masks = {c: np.empty(self.spatial_shape, dtype=bool) for c in self.pairwise} if b == 1 else None
+        def new_masks():
+            return {c: np.empty(self.spatial_shape, dtype=bool) for c in self.pairwise}
+
+        def fill(masks, p, sl):  # p: (1, C, *slab) probabilities of one sample
+            for c, m in masks.items():
+                m[sl] = (p[0, c] >= 0.5).cpu().numpy()
+
+        first = new_masks() if b == 1 else None
 
         def slab(sl):
             p = nonlin(logits[:, :, sl])
-            for c, m in (masks or {}).items():
-                m[sl] = (p[0, c] >= 0.5).cpu().numpy()
+            if first is not None:
+                fill(first, p, sl)
             return p
 
         self._accumulate(b, slab)
         for s in range(b):
+            masks = first
             if masks is None:
-                masks = {c: np.empty(self.spatial_shape, dtype=bool) for c in self.pairwise}
+                masks = new_masks()
                 for sl in self._slabs():
-                    p = nonlin(logits[s:s + 1, :, sl])
-                    for c, m in masks.items():
-                        m[sl] = (p[0, c] >= 0.5).cpu().numpy()
+                    fill(masks, nonlin(logits[s:s + 1, :, sl]), sl)
             for c, acc in self.pairwise.items():
                 acc.add(masks[c])
-            masks = None
 
     def _accumulate(self, b: int, probs_of_slab) -> None:
         """Chan et al.'s batched Welford update of `b` samples, slab by slab (class docstring); `probs_of_slab(sl)`
