@@ -109,7 +109,11 @@ def test_multiclass_top_label_and_classwise():
     for k in (1, 2, 3):
         assert t.loc[("all", str(k)), "ece"] == pytest.approx(direct_ece(probs[k].ravel(), gt.ravel() == k, 15),
                                                               abs=1e-12)
-    assert list(cal.table()["class"]) == ["top-label", "1", "2", "3"]
+    assert list(cal.table()["class"]) == ["top-label", "1", "2", "3", "macro"]
+    # macro: the mean over the foreground classes of the one-vs-rest figures, by hand
+    for m, norm in (("ece", "l1"), ("mce", "max")):
+        want = np.mean([direct_ece(probs[k].ravel(), gt.ravel() == k, 15, norm) for k in (1, 2, 3)])
+        assert t.loc[("all", "macro"), m] == pytest.approx(want, abs=1e-12)
 
 
 def test_binary_rows_and_roi_scope():

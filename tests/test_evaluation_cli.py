@@ -88,8 +88,14 @@ def test_evaluate_nifti_folder(dataset, tmp_path, capsys):
     assert s.loc[("2", "mean"), "hd95"] == pytest.approx(m[m["label"] == 2]["hd95"].mean())  # NaN left out
     assert s.loc[("all", "n"), "dice"] == 6
     cal = pd.read_csv(out / "calibration.csv")
-    assert list(cal.columns) == ["scope", "class", "ece", "ace", "mce", "brier", "n_voxels"]
-    assert list(cal["class"]) == ["top-label", "1", "2"] * 2
+    assert list(cal.columns) == ["scope", "class", "ece", "ace", "mce", "brier", "n_voxels",
+                                 *[f"{m}_ci_{e}" for m in ("ece", "ace", "mce", "brier") for e in ("low", "high")]]
+    assert list(cal["class"]) == ["top-label", "1", "2", "macro"] * 2
+    macro = cal[cal["class"] == "macro"].set_index("scope")
+    for scope in ("all", "roi"):  # the mean of the class-wise rows
+        rows = cal[(cal["scope"] == scope) & cal["class"].isin(["1", "2"])]
+        assert macro.loc[scope, "ece"] == pytest.approx(rows["ece"].mean(), abs=1e-15)
+    assert (cal["ece_ci_low"] <= cal["ece"] + 1e-12).all() and (cal["ece"] <= cal["ece_ci_high"] + 1e-12).all()
     assert (cal.loc[cal["scope"] == "roi", "n_voxels"] < cal.loc[cal["scope"] == "all", "n_voxels"].max()).all()
     assert (out / "reliability_roi_top-label.png").is_file() and (out / "reliability_all_2.png").is_file()
     th = pd.read_csv(out / "uncertainty_thresholds_summary.csv")

@@ -118,7 +118,7 @@ def test_table_and_figure(tmp_path):
                            "mean_entropy": rng.random(24), "pairwise_dice": rng.random(24)})
     scores.loc[3, "mean_entropy"] = np.nan
     t = failure_detection_table(dice, scores)
-    assert list(t.columns) == ["label", "source", "aurc", "e_aurc", "augrc", "n_cases"]
+    assert list(t.columns) == ["label", "source", "aurc", "e_aurc", "augrc", "risk_80cov", "n_cases"]
     assert len(t) == 4
     row = t[(t.label == 1) & (t.source == "mean_entropy")].iloc[0]
     d1, s1 = dice[dice.label == 1], scores[scores.label == 1]

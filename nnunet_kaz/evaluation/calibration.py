@@ -19,8 +19,22 @@ What (c, y) is, per row of `calibration.csv`:
 - binary (C = 2): positive class, c = p_1, y = [gt = 1] (torchmetrics' binary convention);
 - multi-class, class `top-label`: c = max_c p_c, y = [argmax_c p_c = gt];
 - multi-class, class k: class-wise, c = p_k, y = [gt = k].
+- multi-class, class `macro`: the mean of the class-wise rows' ECE / ACE / MCE / Brier over the foreground
+  classes (the one-vs-rest calibration of every foreground class weighs the same however small; Kull et al.
+  2019's classwise-ECE averages over all classes, background included: ours leaves the background out, which
+  would otherwise dominate as it does a pooled ECE). A binary problem's positive-class row is its class-wise
+  (and macro) figure.
 Scopes: `all` every voxel; `roi` the voxels within `margin` (physical units) of ground truth or prediction
 foreground, because the background, almost all confidently right, dominates a whole-volume ECE.
+
+Intervals (`CalibrationSet.estimates`, `table(bootstrap)`): with a patient per case (`add_case(group=...)`)
+each (scope, class) also keeps one small histogram per patient, and a bootstrap resample pools the histograms
+of the drawn patients (with their multiplicity) and computes ECE / ACE / MCE / Brier from that pool, exactly as
+from the data (`intervals` module: patient-level percentile bootstrap). ECE, MCE and Brier of a resample are
+exact; for the ACE the per-patient fine bins are 2^7 times wider (relative width 2^-4 instead of 2^-11 of
+min(c, 1 - c); 64 kB per patient, scope and class instead of 8 MB), so a resample's ACE carries the error bound
+above with those bins. A patient's own value (for the paired Wilcoxon test) is the same statistic over its
+voxels alone.
 """
 from __future__ import annotations
 
@@ -33,7 +47,9 @@ from scipy import ndimage
 from nnunet_kaz.evaluation.histograms import N_UNIT_KEYS, unit_interval_key
 from nnunet_kaz.evaluation.surface import bounding_box
 
-CALIBRATION_COLUMNS = ("scope", "class", "ece", "ace", "mce", "brier", "n_voxels")
+CALIBRATION_METRICS = ("ece", "ace", "mce", "brier")
+CALIBRATION_COLUMNS = ("scope", "class", *CALIBRATION_METRICS, "n_voxels")
+PATIENT_FINE_SHIFT = 7  # per-patient ACE bins: 2^7 fine bins merged (module docstring)
 _BLOCK = 1 << 18  # voxels per pass: the temporaries of a block stay in cache (~1.8x faster than whole arrays)
 
 
@@ -45,22 +61,29 @@ class ReliabilityHistogram:
     beyond float64 rounding.
     """
 
-    def __init__(self, n_bins: int = 15, adaptive: bool = True):
+    def __init__(self, n_bins: int = 15, adaptive: bool = True, fine_shift: int = 0):
         if int(n_bins) < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.n_bins = int(n_bins)
         self.adaptive = adaptive
+        self.fine_shift = int(fine_shift)  # the fine bins of the ACE merged 2^fine_shift at a time (coarser)
+        self.n_fine = ((N_UNIT_KEYS - 1) >> self.fine_shift) + 1
         # interleaved [bin, outcome] layout: one bincount over key = 2 * bin + outcome fills both
         self._count = np.zeros(2 * self.n_bins, dtype=np.int64)
         self._conf = np.zeros(2 * self.n_bins, dtype=np.float64)
-        self._fine_count = np.zeros(2 * N_UNIT_KEYS, dtype=np.int64) if adaptive else None
-        self._fine_conf = np.zeros(2 * N_UNIT_KEYS, dtype=np.float64) if adaptive else None
+        self._fine_count = np.zeros(2 * self.n_fine, dtype=np.int64) if adaptive else None
+        self._fine_conf = np.zeros(2 * self.n_fine, dtype=np.float64) if adaptive else None
         self.sq_error = 0.0
         self.n = 0
 
-    def add(self, confidence: np.ndarray, outcome: np.ndarray, squared_error: np.ndarray | None = None) -> None:
+    def add(self, confidence: np.ndarray, outcome: np.ndarray, squared_error: np.ndarray | None = None,
+            also: "ReliabilityHistogram | None" = None) -> None:
         """Add voxels: confidences in [0, 1], binary outcomes of the same size, and optionally each voxel's
-        Brier term (default (c - y)^2)."""
+        Brier term (default (c - y)^2). `also` (same bins, fine bins as fine or coarser) receives the same
+        voxels from the same pass (a patient's histogram next to the pooled one)."""
+        if also is not None and (also.n_bins != self.n_bins or also.adaptive != self.adaptive
+                                 or also.fine_shift < self.fine_shift):
+            raise ValueError("`also` must have the same bins and fine bins at least as coarse")
         conf = np.asarray(confidence).ravel()
         out = np.asarray(outcome).ravel()
         if conf.size != out.size:
@@ -72,12 +95,14 @@ class ReliabilityHistogram:
             raise ValueError(f"confidences must lie in [0, 1], got values in [{lo}, {hi}]")
         out = out.astype(bool, copy=False).view(np.uint8)
         for i in range(0, conf.size, _BLOCK):
-            self._add_block(conf[i:i + _BLOCK], out[i:i + _BLOCK], squared_error is None)
-        if squared_error is not None:
-            self.sq_error += float(np.sum(squared_error, dtype=np.float64))
-        self.n += conf.size
+            self._add_block(conf[i:i + _BLOCK], out[i:i + _BLOCK], squared_error is None, also)
+        sq = float(np.sum(squared_error, dtype=np.float64)) if squared_error is not None else 0.0
+        for h in (self, also) if also is not None else (self,):
+            h.sq_error += sq
+            h.n += conf.size
 
-    def _add_block(self, conf: np.ndarray, out: np.ndarray, brier: bool) -> None:
+    def _add_block(self, conf: np.ndarray, out: np.ndarray, brier: bool,
+                   also: "ReliabilityHistogram | None" = None) -> None:
         c64 = conf.astype(np.float64, copy=False)
         # c * R is exact in float64 for float32 c, so truncation gives the bin of the exact boundaries k / R.
         # The key 2 * bin + outcome is built in place in int32: this runs on every voxel of a dataset.
@@ -87,23 +112,33 @@ class ReliabilityHistogram:
         key += out
         count = np.bincount(key, minlength=2 * self.n_bins)
         conf_sum = np.bincount(key, weights=c64, minlength=2 * self.n_bins)
-        self._count += count
-        self._conf += conf_sum
+        targets = (self, also) if also is not None else (self,)
+        for h in targets:
+            h._count += count
+            h._conf += conf_sum
         if self.adaptive:
             fkey = unit_interval_key(conf)
+            if self.fine_shift:
+                fkey >>= self.fine_shift
             fkey <<= 1
             fkey += out
-            self._fine_count += np.bincount(fkey, minlength=2 * N_UNIT_KEYS)
-            self._fine_conf += np.bincount(fkey, weights=c64, minlength=2 * N_UNIT_KEYS)
+            for h in targets:
+                if h.fine_shift != self.fine_shift:  # drop the outcome bit and the finer bits, then re-add it
+                    fkey >>= 1 + h.fine_shift - self.fine_shift
+                    fkey <<= 1
+                    fkey += out
+                h._fine_count += np.bincount(fkey, minlength=2 * h.n_fine)
+                h._fine_conf += np.bincount(fkey, weights=c64, minlength=2 * h.n_fine)
         if brier:
             # sum (c - y)^2 = sum c^2 - 2 sum_{y=1} c + sum y, from one pass and the bins just counted. einsum,
             # not np.dot: BLAS wakes its thread pool per call, which costs ~15 ms on a busy machine
             sq = float(np.einsum("i,i->", c64, c64))
-            self.sq_error += sq - 2.0 * float(conf_sum[1::2].sum()) + float(count[1::2].sum())
+            for h in targets:
+                h.sq_error += sq - 2.0 * float(conf_sum[1::2].sum()) + float(count[1::2].sum())
 
     def merge(self, other: "ReliabilityHistogram") -> "ReliabilityHistogram":
         """Add another histogram's voxels (same bins) to this one; returns self."""
-        if other.n_bins != self.n_bins or other.adaptive != self.adaptive:
+        if other.n_bins != self.n_bins or other.adaptive != self.adaptive or other.fine_shift != self.fine_shift:
             raise ValueError("cannot merge histograms with different bins")
         self._count += other._count
         self._conf += other._conf
@@ -139,34 +174,17 @@ class ReliabilityHistogram:
 
     def ece(self) -> float:
         """Expected calibration error, equal-width bins (module docstring); NaN without voxels."""
-        if self.n == 0:
-            return float("nan")
-        return float(np.abs(self.positives - self.confidence_sums).sum() / self.n)
+        return float(ece_rows(self._count[None], self._conf[None], np.array([self.n]))[0])
 
     def mce(self) -> float:
         """Maximum calibration error over the non-empty equal-width bins; NaN without voxels."""
-        n = self.counts
-        if self.n == 0:
-            return float("nan")
-        gaps = np.abs(self.positives[n > 0] - self.confidence_sums[n > 0]) / n[n > 0]
-        return float(gaps.max())
+        return float(mce_rows(self._count[None], self._conf[None])[0])
 
     def ace(self) -> float:
         """Adaptive ECE, R equal-mass bins, from the fine histogram (module docstring); NaN without voxels."""
         if not self.adaptive:
             raise ValueError("this histogram was built with adaptive=False")
-        if self.n == 0:
-            return float("nan")
-        count = self._fine_count[0::2] + self._fine_count[1::2]
-        keep = count > 0
-        cum_n = np.concatenate([[0.0], np.cumsum(count[keep])]).astype(np.float64)
-        cum_pos = np.concatenate([[0.0], np.cumsum(self._fine_count[1::2][keep])]).astype(np.float64)
-        cum_conf = np.concatenate([[0.0], np.cumsum((self._fine_conf[0::2] + self._fine_conf[1::2])[keep])])
-        # cumulative sums at the equal-mass boundaries, interpolated inside the straddling fine bin (pro rata)
-        edges = self.n * np.arange(self.n_bins + 1) / self.n_bins
-        pos = np.interp(edges, cum_n, cum_pos)
-        conf = np.interp(edges, cum_n, cum_conf)
-        return float(np.abs(np.diff(pos) - np.diff(conf)).sum() / self.n)
+        return ace_row(self._fine_count, self._fine_conf, self.n, self.n_bins)
 
     def brier(self) -> float:
         return self.sq_error / self.n if self.n else float("nan")
@@ -174,6 +192,68 @@ class ReliabilityHistogram:
     def summary(self) -> dict[str, float]:
         return {"ece": self.ece(), "ace": self.ace() if self.adaptive else float("nan"), "mce": self.mce(),
                 "brier": self.brier(), "n_voxels": self.n}
+
+
+def ece_rows(count: np.ndarray, conf: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """ECE of each row of interleaved [bin, outcome] counts and confidence sums (B, 2R); NaN where n = 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.abs(count[:, 1::2] - (conf[:, 0::2] + conf[:, 1::2])).sum(axis=1)
+        return np.where(n > 0, gap / np.where(n > 0, n, 1), np.nan)
+
+
+def mce_rows(count: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """MCE of each row (largest |accuracy - confidence| over the non-empty bins); NaN for an empty row."""
+    n = count[:, 0::2] + count[:, 1::2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gaps = np.where(n > 0, np.abs(count[:, 1::2] - (conf[:, 0::2] + conf[:, 1::2])) / np.where(n > 0, n, 1),
+                        -np.inf)
+    best = gaps.max(axis=1)
+    return np.where(np.isfinite(best), best, np.nan)
+
+
+def ace_row(fine_count: np.ndarray, fine_conf: np.ndarray, n: float, n_bins: int) -> float:
+    """Adaptive ECE of one fine histogram (interleaved [fine bin, outcome]), R = n_bins equal-mass bins."""
+    if not n > 0:
+        return float("nan")
+    count = fine_count[0::2] + fine_count[1::2]
+    keep = count > 0
+    cum_n = np.concatenate([[0.0], np.cumsum(count[keep])]).astype(np.float64)
+    cum_pos = np.concatenate([[0.0], np.cumsum(fine_count[1::2][keep])]).astype(np.float64)
+    cum_conf = np.concatenate([[0.0], np.cumsum((fine_conf[0::2] + fine_conf[1::2])[keep])])
+    # cumulative sums at the equal-mass boundaries, interpolated inside the straddling fine bin (pro rata)
+    edges = n * np.arange(n_bins + 1) / n_bins
+    pos = np.interp(edges, cum_n, cum_pos)
+    conf = np.interp(edges, cum_n, cum_conf)
+    return float(np.abs(np.diff(pos) - np.diff(conf)).sum() / n)
+
+
+def stacked_metrics(histograms: Sequence[ReliabilityHistogram], weights: np.ndarray,
+                    chunk: int = 128) -> dict[str, np.ndarray]:
+    """ECE, ACE, MCE and Brier of the pools `weights @ histograms` (B pools of P histograms, e.g. bootstrap
+    resamples of patients, or the identity for each histogram alone): arrays of length B."""
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    first = histograms[0]
+    count = np.stack([h._count for h in histograms]).astype(np.float64)
+    conf = np.stack([h._conf for h in histograms])
+    sq = np.array([h.sq_error for h in histograms])
+    n = np.array([h.n for h in histograms], dtype=np.float64)
+    pool_n, pool_count, pool_conf = w @ n, w @ count, w @ conf
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"ece": ece_rows(pool_count, pool_conf, pool_n), "mce": mce_rows(pool_count, pool_conf),
+               "brier": np.where(pool_n > 0, (w @ sq) / np.where(pool_n > 0, pool_n, 1), np.nan),
+               "ace": np.full(w.shape[0], np.nan)}
+    if first.adaptive:
+        # only the fine bins some histogram uses (a 2D slice fills a few thousand of them)
+        fc = np.stack([h._fine_count for h in histograms])
+        used = np.flatnonzero((fc[:, 0::2] + fc[:, 1::2]).any(axis=0))
+        cols = np.stack([2 * used, 2 * used + 1], axis=1).ravel()
+        fc = fc[:, cols].astype(np.float64)
+        fconf = np.stack([h._fine_conf[cols] for h in histograms])
+        for lo in range(0, w.shape[0], chunk):  # (chunk, used) temporaries
+            pc, pconf = w[lo:lo + chunk] @ fc, w[lo:lo + chunk] @ fconf
+            out["ace"][lo:lo + chunk] = [ace_row(pc[i], pconf[i], pool_n[lo + i], first.n_bins)
+                                         for i in range(pc.shape[0])]
+    return out
 
 
 def roi_mask(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], margin: float) -> np.ndarray:
@@ -193,15 +273,18 @@ def roi_mask(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], margin:
 
 
 class CalibrationSet:
-    """The histograms behind `calibration.csv`: one per (scope, class), fed one case at a time."""
+    """The histograms behind `calibration.csv`: one per (scope, class), fed one case at a time; with a patient
+    per case also one coarser histogram per (scope, class, patient) for the intervals (module docstring)."""
 
     SCOPES = ("all", "roi")
+    MACRO = "macro"
 
     def __init__(self, n_bins: int = 15, labels: Sequence[int] = (1,), adaptive: bool = True):
         self.n_bins = n_bins
         self.labels = [int(v) for v in labels]
         self.adaptive = adaptive
         self.histograms: dict[tuple[str, str], ReliabilityHistogram] = {}
+        self.by_patient: dict[tuple[str, str], dict[str, ReliabilityHistogram]] = {}
         self.n_classes: int | None = None
 
     def _hist(self, scope: str, cls: str) -> ReliabilityHistogram:
@@ -210,8 +293,18 @@ class CalibrationSet:
             self.histograms[key] = ReliabilityHistogram(self.n_bins, self.adaptive)
         return self.histograms[key]
 
-    def add_case(self, probs: np.ndarray, gt: np.ndarray, roi: np.ndarray | None = None) -> None:
-        """Add one case: softmax probabilities (C, *spatial), integer ground truth and an optional ROI mask."""
+    def _patient_hist(self, scope: str, cls: str, patient: str | None) -> ReliabilityHistogram | None:
+        if patient is None:
+            return None
+        hists = self.by_patient.setdefault((scope, cls), {})
+        if patient not in hists:
+            hists[patient] = ReliabilityHistogram(self.n_bins, self.adaptive, PATIENT_FINE_SHIFT)
+        return hists[patient]
+
+    def add_case(self, probs: np.ndarray, gt: np.ndarray, roi: np.ndarray | None = None,
+                 group: str | None = None) -> None:
+        """Add one case: softmax probabilities (C, *spatial), integer ground truth, an optional ROI mask and the
+        case's patient (`group`, for the intervals)."""
         c = probs.shape[0]
         if self.n_classes is None:
             self.n_classes = c
@@ -229,17 +322,73 @@ class CalibrationSet:
             items += [(str(k), probs[k], gt == k, None) for k in self.labels]
         for cls, conf, outcome, sq in items:
             for scope, mask in scopes:
+                also = self._patient_hist(scope, cls, group)
                 if mask is None:
-                    self._hist(scope, cls).add(conf, outcome, sq)
+                    self._hist(scope, cls).add(conf, outcome, sq, also=also)
                 else:
-                    self._hist(scope, cls).add(conf[mask], outcome[mask], None if sq is None else sq[mask])
+                    self._hist(scope, cls).add(conf[mask], outcome[mask], None if sq is None else sq[mask],
+                                               also=also)
 
-    def table(self) -> pd.DataFrame:
-        """`calibration.csv` rows: scope, class, ece, ace, mce, brier, n_voxels."""
+    # --- after the last case ------------------------------------------------------------------------------
+    def classwise(self) -> list[str]:
+        """The class-wise rows (one-vs-rest per foreground class): ["1"] for a binary problem."""
+        return ["1"] if self.n_classes == 2 else [str(k) for k in self.labels]
+
+    def main_class(self) -> str | None:
+        """The headline row: `top-label` for several classes, the positive class `1` for two."""
+        if not self.histograms:
+            return None
+        return "top-label" if any(c == "top-label" for _, c in self.histograms) else "1"
+
+    def estimates(self, scope: str, cls: str, patients: Sequence[str] | None = None,
+                  weights: np.ndarray | None = None) -> dict[str, "Estimate"]:
+        """ECE / ACE / MCE / Brier of one row (`macro`: the mean over `classwise()`), with the values of the
+        pools of `weights` (B, P) over `patients` (bootstrap resamples) and each patient's own value. Empty dict
+        when the row has no voxels."""
+        from nnunet_kaz.evaluation.intervals import Estimate
+
+        classes = self.classwise() if cls == self.MACRO else [cls]
+        if any((scope, k) not in self.histograms or not self.histograms[(scope, k)].n for k in classes):
+            return {}
+        values = [self.histograms[(scope, k)].summary() for k in classes]
+        out = {m: Estimate(float(np.mean([v[m] for v in values]))) for m in CALIBRATION_METRICS}
+        if patients is None or any((scope, k) not in self.by_patient for k in classes):
+            return out
+        empty = ReliabilityHistogram(self.n_bins, self.adaptive, PATIENT_FINE_SHIFT)
+        stacks = [[self.by_patient[(scope, k)].get(p, empty) for p in patients] for k in classes]
+        own = [stacked_metrics(st, np.eye(len(patients))) for st in stacks]
+        pooled = [stacked_metrics(st, weights) for st in stacks] if weights is not None else None
+        for m in CALIBRATION_METRICS:
+            out[m].per_patient = np.mean([o[m] for o in own], axis=0)
+            if pooled is not None:
+                out[m].resampled = np.mean([o[m] for o in pooled], axis=0)
+        return out
+
+    def table(self, patients: Sequence[str] | None = None, bootstrap=None) -> pd.DataFrame:
+        """`calibration.csv` rows: scope, class (top-label, the classes, macro), ece, ace, mce, brier, n_voxels;
+        with `patients` and an active `bootstrap` (intervals.Bootstrap) also M_ci_low / M_ci_high."""
         def order(key: tuple[str, str]) -> tuple:
             scope, cls = key
-            return (self.SCOPES.index(scope), cls != "top-label", int(cls) if cls.isdigit() else -1)
+            return (self.SCOPES.index(scope), cls != "top-label", int(cls) if cls.isdigit() else 1 << 30)
 
-        rows = [{"scope": s, "class": c, **self.histograms[(s, c)].summary()}
-                for s, c in sorted(self.histograms, key=order)]
-        return pd.DataFrame(rows, columns=list(CALIBRATION_COLUMNS))
+        keys = sorted(self.histograms, key=order)
+        if self.n_classes is not None and self.n_classes > 2:
+            for scope in self.SCOPES:
+                last = max((i for i, (s, _) in enumerate(keys) if s == scope), default=None)
+                if last is not None:
+                    keys.insert(last + 1, (scope, self.MACRO))
+        with_ci = patients is not None and bootstrap is not None and bootstrap.active and self.by_patient
+        weights = bootstrap.weights(len(patients)) if with_ci else None
+        rows = []
+        for scope, cls in keys:
+            est = self.estimates(scope, cls, patients if with_ci else None, weights)
+            n = self.histograms[(scope, self.classwise()[0] if cls == self.MACRO else cls)].n
+            row = {"scope": scope, "class": cls, **{m: (e.value if (e := est.get(m)) else np.nan)
+                                                    for m in CALIBRATION_METRICS}, "n_voxels": n}
+            if with_ci:
+                for m in CALIBRATION_METRICS:
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap.interval(est[m].resampled if m in est
+                                                                                  else None)
+            rows.append(row)
+        ci = [f"{m}_{e}" for m in CALIBRATION_METRICS for e in ("ci_low", "ci_high")] if with_ci else []
+        return pd.DataFrame(rows, columns=[*CALIBRATION_COLUMNS, *ci])

@@ -6,7 +6,8 @@ thresholds) and per case `{case}_conformal_{label}{ending}` (0/1 masks). Per cas
   (the convention the threshold was fitted with: Angelopoulos et al., Conformal Risk Control, section 3.1);
 - the mask's size against the segmentation's and the ground truth's (what the guarantee costs).
 The guarantee is E[FNR] <= alpha over exchangeable cases: the summary compares the MEAN realised FNR with alpha;
-single cases may exceed it.
+single cases may exceed it. With `groups` and an active `bootstrap` (intervals.py) the mean FNR gets its 95 %
+interval over patient resamples (mean_fnr_ci_low, mean_fnr_ci_high).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ConformalCheck:
     masks: "object"                      # nnunet_kaz.conformal.ConformalMasks
     files: dict[tuple[str, str], Path]   # (case, label name) -> mask file
     rows: list[dict] = field(default_factory=list)
+    groups: "object | None" = None       # intervals.CaseGroups: the patient of every case
+    bootstrap: "object | None" = None    # intervals.Bootstrap
 
     @classmethod
     def from_folder(cls, folder: Path, cases: dict[str, tuple[int, ...]], ending: str) -> "ConformalCheck":
@@ -72,10 +75,18 @@ class ConformalCheck:
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
     def summary(self) -> pd.DataFrame:
+        from nnunet_kaz.evaluation.intervals import mean_estimate
+
         t = self.table()
+        with_ci = self.groups is not None and self.bootstrap is not None and self.bootstrap.active
         out = []
         for name, g in t.groupby("label", sort=False):
-            out.append({"label": name, "alpha": self.masks.alpha, "mean_fnr": g["fnr"].mean(),
+            ci = {}
+            if with_ci:
+                n_p = len(self.groups.patients)
+                est = mean_estimate(g["fnr"], self.groups.index(g["case"]), self.bootstrap.weights(n_p), n_p)
+                ci = dict(zip(("mean_fnr_ci_low", "mean_fnr_ci_high"), self.bootstrap.interval(est.resampled)))
+            out.append({"label": name, "alpha": self.masks.alpha, "mean_fnr": g["fnr"].mean(), **ci,
                         "mean_fnr_at_most_alpha": bool(g["fnr"].mean() <= self.masks.alpha),
                         "n_cases": len(g), "n_cases_with_label": int(g["label_present"].sum()),
                         "max_fnr": g["fnr"].max(), "mean_mask_over_segmentation": g["mask_over_segmentation"].mean(),

@@ -19,7 +19,15 @@ Outputs (definitions in the docstrings of the modules named):
 - issue 16 (field_report.py): with nsd_tolerance the column nsd of metrics.csv; for KiTS23 datasets (or
   kits23=True) kits23.csv and kits23_summary.csv; with scores or uncertainty failure_detection.csv and
   risk_coverage_label{L}.png (risk_coverage_{region}.png for region scores); with a raters folder rater_agreement.csv; their summaries in evaluation.json;
-- evaluation.json: the settings, the cases and the NaN counts.
+- evaluation.json: the settings, the cases, the NaN counts, the patient grouping and the bootstrap settings.
+
+Intervals (issue 25; `intervals.py`): every mean of summary.csv (rows `ci_low`, `ci_high`), every row of
+calibration.csv and failure_detection.csv (columns M_ci_low, M_ci_high) gets a 95 % percentile bootstrap
+interval over PATIENTS (KAZ slices grouped by patient as the splits group them, 3D cases each their own
+patient; `bootstrap` resamples, seeded by `bootstrap_seed`; `bootstrap = 0` turns them off).
+With `calibration` (a calibrator file of `nnunet-kaz calibrate`) the probabilities are calibrated on the fly and
+the segmentation is their argmax (nnU-Net's rule for softmax outputs): one prediction folder evaluated under a
+calibrator without predicting again (`compare`'s `calibrations:`).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ from nnunet_kaz.cases import (
     read_segmentation,
 )
 from nnunet_kaz.evaluation.field_report import FieldMetrics, check_rater_folder, parse_nsd_tolerances
+from nnunet_kaz.evaluation.intervals import N_RESAMPLES, Bootstrap, CaseGroups, group_cases, mean_estimate
 from nnunet_kaz.evaluation.kits23_metrics import dataset_regions, is_kits23_labels
 from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, ConfusionCounts
 from nnunet_kaz.evaluation.score_correlation import read_scores, score_correlations, score_scatter
@@ -83,6 +92,13 @@ class EvaluationSettings:
     allow_undeclared_labels: bool = False    # ground-truth labels dataset.json lacks: warn instead of error
     kits23: bool | None = None               # KiTS23 regions: None = when dataset.json has KiTS23's labels
     nsd_tolerance: list[str] | None = None   # NSD tolerances in mm: "T" and/or "LABEL:T" (parse_nsd_tolerances)
+    bootstrap: int = N_RESAMPLES             # patient-level bootstrap resamples of the intervals (0: none)
+    bootstrap_seed: int = 0
+    patient_pattern: str | None = None       # regex with (?P<patient>...) on case names (default: intervals.py)
+
+    @property
+    def resampling(self) -> Bootstrap:
+        return Bootstrap(int(self.bootstrap), int(self.bootstrap_seed))
 
     def check(self) -> None:
         if self.n_bins < 1:
@@ -101,6 +117,9 @@ class EvaluationSettings:
         if "{case}" not in self.uncertainty_pattern:
             raise KazError(f"the uncertainty pattern must contain {{case}}, got {self.uncertainty_pattern!r}")
         parse_nsd_tolerances(self.nsd_tolerance)
+        if not isinstance(self.bootstrap, (int, np.integer)) or self.bootstrap < 0:
+            raise KazError(f"the number of bootstrap resamples (bootstrap) must be an integer >= 0, got "
+                           f"{self.bootstrap!r}", option="bootstrap")
 
 
 @dataclass
@@ -116,6 +135,12 @@ class EvaluationPlan:
     kits23: bool = False
     raters: dict[str, Path] | None = None
     conformal: "ConformalCheck | None" = None
+    groups: CaseGroups | None = None         # the patient of every case (intervals)
+    calibrator: "object | None" = None       # postprocessing.Calibrator applied to the probabilities on the fly
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        return self.settings.resampling
 
 
 @dataclass
@@ -135,6 +160,7 @@ class EvaluationResult:
     uncertainty_source: str | None = None
     field: FieldMetrics | None = None
     conformal: "ConformalCheck | None" = None
+    _calibration_table: pd.DataFrame | None = None
 
     def auroc_table(self) -> pd.DataFrame:
         return pd.DataFrame([{"scope": s, "auroc": a.auroc(), "n_voxels": a.n_voxels, "n_error_voxels": a.n_errors,
@@ -145,11 +171,22 @@ class EvaluationResult:
         cols = [c for c in self.metrics.columns if c not in ("case", "label")]
         return {c: int(self.metrics[c].isna().sum()) for c in cols if self.metrics[c].isna().any()}
 
+    @property
+    def intervals(self) -> bool:
+        return self.plan.groups is not None and self.plan.bootstrap.active
+
+    def calibration_table(self) -> pd.DataFrame:
+        """calibration.csv, with intervals when they are on (computed once)."""
+        if self._calibration_table is None:
+            patients = self.plan.groups.patients if self.intervals else None
+            self._calibration_table = self.calibration.table(patients, self.plan.bootstrap if self.intervals else None)
+        return self._calibration_table
+
 
 def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, settings: EvaluationSettings | None = None,
             images_dir: Path | None = None, uncertainty_dir: Path | None = None,
             scores_csv: Path | None = None, raters_dir: Path | None = None,
-            conformal_dir: Path | None = None) -> EvaluationPlan:
+            conformal_dir: Path | None = None, calibration: Path | None = None) -> EvaluationPlan:
     """Check every input before anything is computed or written; KazError lists what is wrong."""
     settings = settings or EvaluationSettings()
     settings.check()
@@ -184,6 +221,10 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
                 raise KazError(f"label(s) {unknown} are not in the dataset's labels {known} (dataset.json)")
     plan = EvaluationPlan(pairs, settings, labels, declared=known, label_names=label_names,
                           kits23=kits if settings.kits23 is None else bool(settings.kits23))
+    plan.groups = group_cases([p.case for p in pairs], Path(gt_dir), len(pairs[0].header.shape) == 3,
+                              settings.patient_pattern)
+    if calibration is not None:
+        plan.calibrator = _check_calibration(Path(calibration), pairs, probs_dir, dj)
     if raters_dir is not None:
         if probs_dir is None and uncertainty_dir is None:
             raise KazError("rater agreement compares an uncertainty map with the raters: give probabilities or "
@@ -217,8 +258,35 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
                     "uncertainty": str(uncertainty_dir) if uncertainty_dir else "",
                     "scores": str(scores_csv) if scores_csv else "",
                     "raters": str(raters_dir) if raters_dir else "",
-                    "conformal": str(conformal_dir) if conformal_dir else ""}
+                    "conformal": str(conformal_dir) if conformal_dir else "",
+                    "calibration": str(calibration) if calibration else ""}
     return plan
+
+
+def _check_calibration(path: Path, pairs: list[CasePair], probs_dir: Path | None, dj: dict | None):
+    """The calibrator file, for probabilities that are not calibrated already (else the calibration would be
+    applied twice): refused without probabilities, or when the probability folder holds the calibration.json that
+    `predict --calibration` writes."""
+    from nnunet_kaz.postprocessing import load_calibrator
+
+    if probs_dir is None or not all(p.probs for p in pairs):
+        raise KazError(f"calibration {path}: needs the uncalibrated probabilities {{case}}.npz of every case "
+                       "(probs)", option="calibration")
+    if (Path(probs_dir) / "calibration.json").is_file():
+        raise KazError(f"calibration {path}: the probabilities in {probs_dir} are calibrated already (it holds the "
+                       "calibration.json of `predict --calibration`); compare calibrators on a folder predicted "
+                       "without --calibration", option="calibration")
+    if (Path(probs_dir) / "postprocessing.json").is_file():
+        raise KazError(f"calibration {path}: {probs_dir} was predicted with --postprocessing; under a calibrator "
+                       "the segmentation is the argmax of the calibrated probabilities, so compare calibrators on a "
+                       "folder predicted without --postprocessing", option="calibration")
+    if not path.is_file():
+        raise KazError(f"calibration file {path} does not exist", option="calibration")
+    labels = dj.get("labels") if dj is not None else None
+    if labels is not None and any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise KazError(f"calibration {path}: calibrators apply to softmax outputs; this dataset has regions",
+                       option="calibration")
+    return load_calibrator(path, labels=labels)
 
 
 def _scores_with_label_values(scores: pd.DataFrame, label_names: dict[str, int], path: Path) -> pd.DataFrame:
@@ -290,11 +358,22 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
     figures: list[dict] = []
     seen: set[int] = set()
     n_classes = None
+    groups = plan.groups if plan.bootstrap.active else None
+    if plan.conformal is not None:
+        plan.conformal.groups, plan.conformal.bootstrap = groups, plan.bootstrap
     fm = FieldMetrics(plan.kits23, parse_nsd_tolerances(s.nsd_tolerance), plan.raters, s.roi_margin,
-                      lambda f: read_array(f)[0])
+                      lambda f: read_array(f)[0], groups=groups, bootstrap=plan.bootstrap)
     for i, pair in enumerate(tqdm(plan.pairs, desc="evaluate", unit="case", disable=not progress)):
         gt, spacing = read_segmentation(pair.gt)
-        pred, _ = read_segmentation(pair.pred)
+        calibrated = None
+        if plan.calibrator is not None:  # the segmentation of the calibrated probabilities: their argmax
+            from nnunet_kaz.postprocessing import apply_calibration
+
+            calibrated = apply_calibration(load_probabilities(pair.probs, gt.shape), plan.calibrator,
+                                           str(pair.probs))
+            pred = calibrated.argmax(0).astype(np.uint8 if calibrated.shape[0] <= 256 else np.uint16)
+        else:
+            pred, _ = read_segmentation(pair.pred)
         if gt.shape != pred.shape:
             raise KazError(f"{pair.case}: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
         gt_labels = labels_present(gt)
@@ -312,7 +391,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             continue
         probs = None
         if pair.probs is not None:
-            probs = load_probabilities(pair.probs, gt.shape)
+            probs = calibrated if calibrated is not None else load_probabilities(pair.probs, gt.shape)
             n_classes = n_classes or probs.shape[0]
             if probs.shape[0] != n_classes:
                 raise KazError(f"{pair.probs}: {probs.shape[0]} classes, earlier cases had {n_classes}")
@@ -323,7 +402,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         if calib is not None and probs is not None:
             if plan.labels is None:  # no dataset.json nor --labels: class-wise rows for every channel
                 calib.labels = list(range(1, probs.shape[0]))
-            calib.add_case(probs, gt, roi)
+            calib.add_case(probs, gt, roi, group=groups.patient_of[pair.case] if groups else None)
         if pair.uncertainty is not None:
             u = load_uncertainty(pair.uncertainty, gt.shape, s.uncertainty_key)
         elif probs is not None:
@@ -350,8 +429,8 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         raise KazError("no foreground label in any ground truth or prediction; name the labels to evaluate (labels)",
                        option="labels")
     metrics = _complete(pd.DataFrame(rows), [p.case for p in plan.pairs], labels)
-    result = EvaluationResult(plan, labels, metrics, summarize(metrics), calib, auroc=auroc, figures=figures,
-                              field=fm, conformal=plan.conformal)
+    result = EvaluationResult(plan, labels, metrics, summarize(metrics, groups, plan.bootstrap), calib, auroc=auroc,
+                              figures=figures, field=fm, conformal=plan.conformal)
     if threshold_rows:
         result.thresholds = pd.DataFrame(threshold_rows)
         result.threshold_summary = summarize_thresholds(result.thresholds)
@@ -383,18 +462,29 @@ def _complete(metrics: pd.DataFrame, cases: list[str], labels: list[int]) -> pd.
     return df[["case", "label", *METRIC_COLUMNS, *(["nsd"] if nsd else [])]].reset_index(drop=True)
 
 
-def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
+def summarize(metrics: pd.DataFrame, patients: CaseGroups | None = None,
+              bootstrap: Bootstrap | None = None) -> pd.DataFrame:
     """summary.csv: per label (and `all` when several): mean, std, median over the finite values of each
-    column, n of those values and n_nan of the undefined ones (never averaged in silently)."""
+    column, n of those values and n_nan of the undefined ones (never averaged in silently); with `patients`
+    and an active `bootstrap` the mean's interval over patient resamples (rows ci_low, ci_high)."""
     groups = [(str(lab), g) for lab, g in metrics.groupby("label")]
     if len(groups) > 1:
         groups.append(("all", metrics))
     rows = []
     columns = [*METRIC_COLUMNS, *(["nsd"] if "nsd" in metrics.columns else [])]
+    with_ci = patients is not None and bootstrap is not None and bootstrap.active
+    weights = bootstrap.weights(len(patients.patients)) if with_ci else None
     for label, g in groups:
         vals = g[columns].astype(float)
-        stats = {"mean": vals.mean(), "std": vals.std(ddof=1), "median": vals.median(),
-                 "n": vals.notna().sum(), "n_nan": vals.isna().sum()}
+        stats = {"mean": vals.mean()}
+        if with_ci:
+            idx = patients.index(g["case"])
+            ci = {c: bootstrap.interval(mean_estimate(vals[c], idx, weights, len(patients.patients)).resampled)
+                  for c in columns}
+            stats["ci_low"] = pd.Series({c: v[0] for c, v in ci.items()})
+            stats["ci_high"] = pd.Series({c: v[1] for c, v in ci.items()})
+        stats |= {"std": vals.std(ddof=1), "median": vals.median(), "n": vals.notna().sum(),
+                  "n_nan": vals.isna().sum()}
         for name, series in stats.items():
             rows.append({"label": label, "statistic": name, **series.to_dict()})
     return pd.DataFrame(rows, columns=["label", "statistic", *columns])
@@ -437,7 +527,7 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
     result.metrics.to_csv(folder / "metrics.csv", index=False)
     result.summary.to_csv(folder / "summary.csv", index=False)
     if result.calibration is not None and result.calibration.histograms:
-        result.calibration.table().to_csv(folder / "calibration.csv", index=False)
+        result.calibration_table().to_csv(folder / "calibration.csv", index=False)
         for (scope, cls), h in result.calibration.histograms.items():
             if h.n:
                 reliability_diagram({cls: h}, folder / f"reliability_{scope}_{cls}.png",
@@ -463,7 +553,10 @@ def write_into(result: EvaluationResult, folder: Path) -> None:
         result.conformal.write_into(folder)
     info = {"settings": asdict(result.plan.settings), "inputs": result.plan.sources, "labels": result.labels,
             "cases": [p.case for p in result.plan.pairs], "nan_counts": result.nan_counts(),
-            "uncertainty": result.uncertainty_source, **(result.field.summary() if result.field else {})}
+            "uncertainty": result.uncertainty_source,
+            "grouping": result.plan.groups.summary() if result.plan.groups else None,
+            "bootstrap": result.plan.bootstrap.summary() if result.intervals else None,
+            **(result.field.summary() if result.field else {})}
     (folder / MARKER).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
 
 
@@ -487,11 +580,11 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, out_dir: Path, probs_dir: Path
                     settings: EvaluationSettings | None = None, images_dir: Path | None = None,
                     uncertainty_dir: Path | None = None, scores_csv: Path | None = None,
                     progress: bool = True, raters_dir: Path | None = None,
-                    conformal_dir: Path | None = None) -> EvaluationResult:
+                    conformal_dir: Path | None = None, calibration: Path | None = None) -> EvaluationResult:
     """prepare + run + write (see the module docstring)."""
     check_output_dir(out_dir, MARKER, [pred_dir, gt_dir, probs_dir, images_dir, uncertainty_dir, raters_dir])
     plan = prepare(pred_dir, gt_dir, probs_dir, settings, images_dir, uncertainty_dir, scores_csv, raters_dir,
-                   conformal_dir)
+                   conformal_dir, calibration)
     result = run(plan, progress)
     write(result, out_dir)
     return result
@@ -499,18 +592,31 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, out_dir: Path, probs_dir: Path
 
 def report(result: EvaluationResult) -> str:
     """A few lines for the terminal: mean Dice / HD95 per label, NaN counts, calibration and AUROC."""
+    from nnunet_kaz.evaluation.intervals import fmt_ci
+
     lines = []
-    mean = result.summary[result.summary["statistic"] == "mean"]
-    for r in mean.itertuples():
-        lines.append(f"label {r.label}: dice {r.dice:.4f}, hd95 {r.hd95:.3f}, assd {r.assd:.3f}")
+    summ = result.summary.set_index(["label", "statistic"])
+    ci = result.intervals and "ci_low" in set(result.summary["statistic"])
+
+    def with_ci(label, col):
+        v = summ.loc[(label, "mean"), col]
+        return fmt_ci(v, summ.loc[(label, "ci_low"), col], summ.loc[(label, "ci_high"), col]) if ci else fmt_ci(v)
+
+    for label in dict.fromkeys(result.summary["label"]):
+        lines.append(f"label {label}: dice {with_ci(label, 'dice')}, hd95 {with_ci(label, 'hd95')}, "
+                     f"assd {with_ci(label, 'assd')}")
+    if ci:
+        lines.append(f"[intervals: {result.plan.bootstrap.describe()}; {result.plan.groups.describe()}]")
     nan = result.nan_counts()
     if nan:
         lines.append("undefined (NaN, left out of the means): " + ", ".join(f"{k} {v}" for k, v in nan.items()))
     if result.calibration is not None and result.calibration.histograms:
-        t = result.calibration.table()
-        main = t[t["class"] == "top-label"] if (t["class"] == "top-label").any() else t[t["class"] == "1"]
-        for scope, cls, ece, ace, brier in main[["scope", "class", "ece", "ace", "brier"]].itertuples(index=False):
-            lines.append(f"calibration {scope} ({cls}): ECE {ece:.4f}, ACE {ace:.4f}, Brier {brier:.4f}")
+        t = result.calibration_table()
+        main = t[t["class"].isin([result.calibration.main_class(), "macro"])]
+        for r in main.to_dict("records"):
+            cells = [f"{m.upper()} {fmt_ci(r[m], r.get(m + '_ci_low'), r.get(m + '_ci_high'))}"
+                     for m in ("ece", "ace", "mce", "brier")]
+            lines.append(f"calibration {r['scope']} ({r['class']}): " + ", ".join(cells))
     for scope, a in result.auroc.items():
         lines.append(f"uncertainty AUROC for voxel errors ({scope}): {a.auroc():.4f}")
     if result.field is not None:

@@ -13,6 +13,9 @@
   n_disagreement_voxels) and, in the summary, the mean NCC, the mean per-case ROI AUROC and the ROI AUROC
   pooled over every case's ROI voxels.
 Inputs are checked by `check_rater_folder` / `parse_nsd_tolerances` before anything is computed.
+With `groups` (the patient of every case) and an active `bootstrap` (intervals.py) the means and failure-detection
+metrics also get 95 % intervals over patient resamples: M_ci_low / M_ci_high columns of failure_detection.csv and
+kits23_summary.csv, and `*_ci` entries of the rater-agreement summary.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import pandas as pd
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.evaluation.failure_detection import (aggregate_uncertainty, failure_detection_table,
                                                      risk_coverage_figure, HIGHER_IS_CONFIDENT)
+from nnunet_kaz.evaluation.intervals import Bootstrap, CaseGroups, mean_estimate
 from nnunet_kaz.evaluation.kits23_metrics import (KITS23_COLUMNS, KITS23_TOLERANCES_MM, kits23_case_metrics,
                                                   kits23_summary)
 from nnunet_kaz.evaluation.rater_agreement import ncc, roi_auroc
@@ -102,6 +106,21 @@ class FieldMetrics:
     pooled_roi: ErrorAuroc = field(default_factory=ErrorAuroc)
     failure: pd.DataFrame | None = None
     curves: dict[int | str, dict[str, tuple]] = field(default_factory=dict)  # label value or KiTS23 region
+    curve_cases: dict[int | str, np.ndarray] = field(default_factory=dict)   # the cases behind `curves`
+    groups: CaseGroups | None = None          # patients of the cases (intervals), None: no intervals
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+
+    @property
+    def intervals(self) -> bool:
+        return self.groups is not None and self.bootstrap.active
+
+    def mean_ci(self, values, cases) -> tuple[float, float]:
+        """Interval of the mean of per-case `values` over patient resamples (NaN, NaN without intervals)."""
+        if not self.intervals:
+            return float("nan"), float("nan")
+        est = mean_estimate(values, self.groups.index(cases), self.bootstrap.weights(len(self.groups.patients)),
+                            len(self.groups.patients))
+        return self.bootstrap.interval(est.resampled)
 
     def nsd_tolerance(self, label: int) -> float | None:
         return self.nsd_tolerances.get(label, self.nsd_tolerances.get(None))
@@ -174,12 +193,16 @@ class FieldMetrics:
         parts = [(d, src) for d, src in parts if src is not None]
         if not parts:
             return
-        self.failure = pd.concat([failure_detection_table(d, src) for d, src in parts], ignore_index=True)
+        groups = self.groups if self.intervals else None
+        self.failure = pd.concat([failure_detection_table(d, src, groups=groups, bootstrap=self.bootstrap)
+                                  for d, src in parts], ignore_index=True)
         for d, src in parts:
             dice = d.set_index(["case", "label"])["dice"]
             for lab, sub in src.groupby("label"):
                 risk = 1.0 - sub.set_index(["case", "label"]).index.map(dice).to_numpy(dtype=np.float64)
-                self.curves[lab if isinstance(lab, str) else int(lab)] = {
+                key = lab if isinstance(lab, str) else int(lab)
+                self.curve_cases[key] = sub["case"].astype(str).to_numpy()
+                self.curves[key] = {
                     c: (risk, sub[c].to_numpy(np.float64) * (1 if c in HIGHER_IS_CONFIDENT else -1))
                     for c in src.columns if c not in ("case", "label")}
 
@@ -194,18 +217,32 @@ class FieldMetrics:
             out["rater_agreement"] = {"mean_ncc": float(t["ncc"].mean()), "mean_roi_auroc": float(t["roi_auroc"].mean()),
                                       "pooled_roi_auroc": self.pooled_roi.auroc(), "n_cases": int(len(t)),
                                       "roi_margin": self.roi_margin}
+            if self.intervals:
+                for col, key in (("ncc", "mean_ncc_ci"), ("roi_auroc", "mean_roi_auroc_ci")):
+                    out["rater_agreement"][key] = list(self.mean_ci(t[col], t["case"]))
         return out
+
+    def kits23_summary_table(self) -> pd.DataFrame:
+        """kits23_summary.csv: per region and the aggregate, mean dice and surface_dice (with intervals)."""
+        k = kits23_summary(self.kits_table)
+        t = self.kits_table
+        rows = []
+        for name in [*k["regions"], "aggregate"]:
+            sub = t if name == "aggregate" else t[t["region"] == name]
+            row = {"region": name, "dice": float(sub["dice"].mean()), "surface_dice": float(sub["surface_dice"].mean()),
+                   "n_cases": len(t) // 3 if name == "aggregate" else len(sub)}
+            if self.intervals:
+                for col in ("dice", "surface_dice"):
+                    row[f"{col}_ci_low"], row[f"{col}_ci_high"] = self.mean_ci(sub[col], sub["case"])
+            rows.append(row)
+        ci = [f"{c}_{e}" for c in ("dice", "surface_dice") for e in ("ci_low", "ci_high")] if self.intervals else []
+        return pd.DataFrame(rows, columns=["region", "dice", "surface_dice", "n_cases", *ci])
 
     def write_into(self, folder: Path) -> None:
         folder = Path(folder)
         if self.kits23:
             self.kits_table.to_csv(folder / "kits23.csv", index=False)
-            k = kits23_summary(self.kits_table)
-            rows = [{"region": name, **r} for name, r in k["regions"].items()]
-            rows.append({"region": "aggregate", "dice": k["mean_dice"], "surface_dice": k["mean_surface_dice"],
-                         "n_cases": len(self.kits_table) // 3})
-            pd.DataFrame(rows, columns=["region", "dice", "surface_dice", "n_cases"]).to_csv(
-                folder / "kits23_summary.csv", index=False)
+            self.kits23_summary_table().to_csv(folder / "kits23_summary.csv", index=False)
         if self.failure is not None:
             self.failure.to_csv(folder / "failure_detection.csv", index=False)
             for lab, curves in self.curves.items():
