@@ -222,7 +222,7 @@ def test_compare_shows_aurc_and_overlays_the_curves(kits, tmp_path):
         assert t.loc[i, "aurc"] == pytest.approx(fd.aurc.mean()) and t.loc[i, "e_aurc"] == pytest.approx(fd.e_aurc.mean())
         assert t.loc[i, "aurc_source"] == "unc_mean"
     assert t.loc[1, "aurc"] == pytest.approx(0.0)  # every Dice 1: no risk to rank
-    assert "| AURC | E-AURC |" in (out / "comparison.md").read_text()
+    assert "| AURC | E-AURC | AUGRC | risk @ 80 % |" in (out / "comparison.md").read_text()
     assert (out / "risk_coverage_overlay.png").stat().st_size > 5000
     assert "ncc_raters" not in t.columns
 
@@ -242,7 +242,7 @@ def test_compare_with_raters_puts_rater_agreement_in_the_table(kits, tmp_path, c
     per_case = pd.read_csv(out / "runs" / "shifted" / "rater_agreement.csv")
     assert t.loc[0, "roi_auroc_raters"] == pytest.approx(per_case.roi_auroc.mean())
     assert 0 <= t.loc[0, "roi_auroc_raters_pooled"] <= 1
-    assert "| NCC raters |" in (out / "comparison.md").read_text()
+    assert "| NCC raters | ROI AUROC raters |" in (out / "comparison.md").read_text()
     # a run with neither probabilities nor uncertainty maps cannot be compared with the raters: nothing written
     runs.write_text(runs.read_text() + f"  - label: bare\n    pred: {ds / 'labelsTr'}\n")
     assert cli_main(["compare", str(runs), "-o", str(tmp_path / "cmp2"), "-q"]) == 2

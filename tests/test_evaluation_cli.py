@@ -212,7 +212,7 @@ def test_compare_two_methods(dataset, tmp_path, capsys):
     ens = pd.read_csv(out / "runs" / "ensemble" / "metrics.csv")
     assert t.loc[0, "dice_mean"] == pytest.approx(ens["dice"].mean())
     md = (out / "comparison.md").read_text()
-    assert md.startswith("| method |") and "| ensemble | 3 |" in md
+    assert md.startswith("### Segmentation\n\n| method |") and "| ensemble | 3 (3) |" in md
     assert (out / "reliability_overlay_roi.png").is_file()
     assert "| eroded |" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"

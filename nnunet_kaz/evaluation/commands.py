@@ -13,10 +13,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   pred_subset=args.pred_subset, uncertainty_pattern=args.uncertainty_pattern,
                                   uncertainty_key=args.uncertainty_key,
                                   allow_undeclared_labels=args.allow_undeclared_labels,
-                                  kits23=args.kits23, nsd_tolerance=args.nsd_tolerance)
+                                  kits23=args.kits23, nsd_tolerance=args.nsd_tolerance, bootstrap=args.bootstrap,
+                                  bootstrap_seed=args.bootstrap_seed, patient_pattern=args.patient_pattern)
     result = evaluate_folder(args.pred, args.gt, args.o, args.probs, settings, args.images, args.uncertainty,
                              args.scores, progress=not args.quiet, raters_dir=args.raters,
-                             conformal_dir=args.conformal)
+                             conformal_dir=args.conformal, calibration=args.calibration)
     print(report(result))
     print(f"wrote {args.o}")
     return 0
@@ -25,10 +26,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from nnunet_kaz.evaluation.compare import compare_runs
 
-    compare_runs(args.runs, args.o, progress=not args.quiet)
+    compare_runs(args.runs, args.o, progress=not args.quiet, reference=args.reference, bootstrap=args.bootstrap)
     print((args.o / "comparison.md").read_text())
     print(f"wrote {args.o}")
     return 0
+
+
+def _add_bootstrap(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--bootstrap", type=int, default=default, metavar="N",
+                   help="patient-level bootstrap resamples of the 95 %% intervals (percentile method; a patient's "
+                        "cases are drawn together; 0: no intervals)" + (" (default 2000)" if default else
+                                                                         " (default: RUNS.yaml's, else 2000)"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "voxel errors; with --scores the Spearman correlation of per-image scores with Dice. "
                     "For KiTS23 datasets kits23.csv (region Dice and Surface Dice); failure_detection.csv (AURC, "
                     "E-AURC, AUGRC of every score and uncertainty aggregation); --nsd-tolerance adds nsd to "
-                    "metrics.csv; --raters adds rater_agreement.csv (NCC, ROI AUROC).")
+                    "metrics.csv; --raters adds rater_agreement.csv (NCC, ROI AUROC). Every mean (summary.csv), "
+                    "calibration row and failure-detection row gets a 95 %% interval over patients (KAZ slices "
+                    "grouped by patient as the splits group them: kaz_meta.json or --patient-pattern; 3D cases each "
+                    "their own patient), written with the grouping into evaluation.json.")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted segmentations")
     o.add_gt(p, required=True, help="folder of ground-truth segmentations (e.g. labelsTs)")
     o.add_probs(p, help="folder of {case}.npz probabilities (nnU-Net --save_probabilities or nnunet-kaz "
@@ -88,6 +99,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raters", type=Path, metavar="DIR",
                    help="folder of per-case rater-disagreement maps {case}{ending} (convert-kits23's "
                         "raterDisagreementTr/): NCC and ROI AUROC of the uncertainty against them")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="calibrator of `nnunet-kaz calibrate` applied to the --probs probabilities on the fly (which "
+                        "must be uncalibrated); the segmentation is then their argmax: a calibrator evaluated "
+                        "without predicting again")
+    _add_bootstrap(p, 2000)
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--patient-pattern", metavar="REGEX",
+                   help="regex with a group (?P<patient>...) on the case names: the resampling unit of the "
+                        "intervals (default: kaz_meta.json next to --gt, else the splits' default for 2D names "
+                        "like KAZ_P003_a045, else each case its own patient)")
     o.add_quiet(p)
     p.set_defaults(func=_evaluate)
 
@@ -96,10 +117,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate several prediction folders against the same ground truth and write "
                     "comparison.csv / comparison.md, overlaid reliability diagrams and each run's evaluation. "
                     "RUNS.yaml: 'gt: DIR' and 'runs:' a list of {label: NAME, pred: DIR} with optional probs, "
-                    "uncertainty, scores; optional top-level labels, n_bins, roi_margin, images, figure_cases, "
-                    "pred_subset, raters (rater-disagreement maps: each run's NCC and ROI AUROC against them). "
-                    "See nnunet_kaz/evaluation/compare.py.")
+                    "uncertainty, scores, and calibration: FILE or calibrations: {NAME: FILE or null} (one "
+                    "folder of uncalibrated probabilities evaluated under several calibrators without predicting "
+                    "again); optional top-level labels, n_bins, roi_margin, images, figure_cases, "
+                    "pred_subset, raters (rater-disagreement maps: each run's NCC and ROI AUROC against them), "
+                    "reference, bootstrap, bootstrap_seed, patient_pattern. Every figure gets a 95 %% interval "
+                    "over patients and, against the reference run, its difference with an interval and a "
+                    "Holm-adjusted Wilcoxon p over patients. See nnunet_kaz/evaluation/compare.py.")
     c.add_argument("runs", type=Path, metavar="RUNS.yaml")
+    c.add_argument("--reference", metavar="LABEL",
+                   help="the run the others are compared with (default: RUNS.yaml's reference, else the first run)")
+    _add_bootstrap(c, None)
     o.add_output(c)
     o.add_quiet(c)
     c.set_defaults(func=_compare)
