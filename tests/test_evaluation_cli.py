@@ -219,3 +219,104 @@ def test_compare_two_methods(dataset, tmp_path, capsys):
     bad.write_text(f"gt: {dataset / 'gt'}\nruns:\n  - label: a\n    pred: nowhere\n  - label: a\n    pred: x\n")
     err = run_error(["compare", str(bad), "-o", str(tmp_path / "cmp2")], capsys)
     assert "nowhere" in err and "used twice" in err and not (tmp_path / "cmp2").exists()
+
+
+def test_compare_paired_differences_wilcoxon_holm_and_the_reference(dataset, tmp_path):
+    """Three methods, reference chosen by --reference: M_diff = M(method) - M(reference); M_p = scipy's Wilcoxon
+    over the per-patient differences (here each 3D case is its own patient, its Dice the mean over its labels);
+    M_p_holm = a hand Holm over the two methods; the interval of the mean = a hand loop over the same draws."""
+    from scipy.stats import wilcoxon
+
+    folders = {}
+    for name, op in (("eroded", ndimage.binary_erosion), ("dilated", ndimage.binary_dilation)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for f in (dataset / "pred").glob("case_00?.nii.gz"):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            b = op(a > 0, iterations=1 if name == "eroded" else 2)
+            write_nifti(np.where(b, np.maximum(a, 1), 0) if name == "dilated" else b * a, folders[name] / f.name)
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nbootstrap: 300\nbootstrap_seed: 2\nruns:\n"
+                    f"  - label: ensemble\n    pred: {dataset / 'pred'}\n"
+                    f"  - label: eroded\n    pred: eroded\n    probs: {dataset / 'pred'}\n"
+                    f"  - label: dilated\n    pred: dilated\n    probs: {dataset / 'pred'}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "-o", str(out), "-q", "--reference", "eroded"]) == 0
+    t = pd.read_csv(out / "comparison.csv").set_index("method")
+    assert list(t["reference"]) == [False, True, False]
+    cols = list(t.columns)
+    assert cols[cols.index("dice_mean") + 1:cols.index("dice_mean") + 3] == ["dice_mean_ci_low", "dice_mean_ci_high"]
+    per_case = {n: pd.read_csv(out / "runs" / n / "metrics.csv").groupby("case")["dice"].mean()
+                for n in ("ensemble", "eroded", "dilated")}
+    ps = {}
+    for n in ("ensemble", "dilated"):
+        assert t.loc[n, "dice_mean_diff"] == pytest.approx(t.loc[n, "dice_mean"] - t.loc["eroded", "dice_mean"])
+        ps[n] = wilcoxon(per_case[n] - per_case["eroded"]).pvalue
+        assert t.loc[n, "dice_mean_p"] == pytest.approx(ps[n])
+    (n_lo, p_lo), (n_hi, p_hi) = sorted(ps.items(), key=lambda kv: kv[1])  # Holm, m = 2, by hand
+    holm = {n_lo: min(1.0, 2 * p_lo), n_hi: min(1.0, max(2 * p_lo, p_hi))}
+    for n in ps:
+        assert t.loc[n, "dice_mean_p_holm"] == pytest.approx(holm[n])
+    assert np.isnan(t.loc["eroded", "dice_mean_diff"])
+    m = pd.read_csv(out / "runs" / "dilated" / "metrics.csv")
+    draws = np.random.default_rng(2).integers(0, 3, (300, 3))
+    cases = sorted(m["case"].unique())
+    hand = [np.concatenate([m[m["case"] == cases[i]]["dice"] for i in row]).mean() for row in draws]
+    assert (t.loc["dilated", "dice_mean_ci_low"], t.loc["dilated", "dice_mean_ci_high"]) == pytest.approx(
+        tuple(np.percentile(hand, [2.5, 97.5])))
+    info = json.loads((out / "comparison.json").read_text())["settings"]
+    assert info["reference"] == "eroded" and info["grouping"]["n_patients"] == 3
+    assert info["bootstrap"]["n_resamples"] == 300
+    md = (out / "comparison.md").read_text()
+    assert "| eroded | reference |" in md and "Holm" in md and "3 patients" in md
+
+
+def test_compare_calibrators_without_predicting_again(dataset, tmp_path, capsys):
+    """`calibrations:` evaluates one folder of uncalibrated probabilities under several calibrator files: each row
+    equals the calibration error and Dice computed here from apply_calibration and its argmax; a folder whose
+    probabilities are calibrated already (calibration.json) is refused."""
+    from nnunet_kaz.evaluation.calibration import CalibrationSet
+    from nnunet_kaz.postprocessing import apply_calibration, classes_from_labels, make_calibrator, save_calibrator
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], 3000)
+    y = np.array([rng.choice(3, p=q ** 2 / (q ** 2).sum()) for q in p])
+    files = {}
+    for method in ("temperature", "platt"):
+        files[method] = tmp_path / f"{method}.json"
+        save_calibrator(make_calibrator(method, classes_from_labels(LABELS)).fit(p, y), files[method])
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(f"gt: {dataset / 'gt'}\nfigure_cases: 0\nbootstrap: 50\nruns:\n  - label: ens\n"
+                    f"    pred: {dataset / 'pred'}\n    calibrations:\n      none: null\n"
+                    f"      temperature: {files['temperature']}\n      platt: {files['platt']}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "-o", str(out), "-q"]) == 0
+    t = pd.read_csv(out / "comparison.csv").set_index("method")
+    assert list(t.index) == ["ens: none", "ens: temperature", "ens: platt"]
+    from nnunet_kaz.postprocessing import load_calibrator
+
+    for name in ("temperature", "platt"):
+        cal = CalibrationSet(15, labels=[1, 2])
+        dice = []
+        for case in ("case_000", "case_001", "case_002"):
+            gt = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "gt" / f"{case}.nii.gz")))
+            q = apply_calibration(np.load(dataset / "pred" / f"{case}.npz")["probabilities"], load_calibrator(files[name]))
+            cal.add_case(q, gt)
+            seg = q.argmax(0)
+            dice += [overlap_metrics(seg == k, gt == k)["dice"] for k in (1, 2)]
+        ref = cal.table().set_index(["scope", "class"])
+        assert t.loc[f"ens: {name}", "ece_all"] == pytest.approx(ref.loc[("all", "top-label"), "ece"], abs=1e-12)
+        assert t.loc[f"ens: {name}", "ece_macro_all"] == pytest.approx(ref.loc[("all", "macro"), "ece"], abs=1e-12)
+        assert t.loc[f"ens: {name}", "dice_mean"] == pytest.approx(np.mean(dice))
+    plain = pd.read_csv(out / "runs" / "ens_none" / "calibration.csv")
+    assert t.loc["ens: none", "ece_all"] == pytest.approx(plain.loc[0, "ece"])
+    assert json.loads((out / "comparison.json").read_text())["calibrations"]["ens: temperature"] == str(files["temperature"])
+    # probabilities that are calibrated already: refused, nothing written
+    cal_dir = tmp_path / "calibrated"
+    cal_dir.mkdir()
+    for f in (dataset / "pred").iterdir():
+        (cal_dir / f.name).symlink_to(f)
+    (cal_dir / "calibration.json").write_text("{}")
+    runs.write_text(f"gt: {dataset / 'gt'}\nruns:\n  - label: c\n    pred: {cal_dir}\n    calibration: {files['platt']}\n")
+    err = run_error(["compare", str(runs), "-o", str(tmp_path / "cmp2")], capsys)
+    assert "calibrated already" in err and not (tmp_path / "cmp2").exists()
