@@ -28,9 +28,10 @@ def _predict(args: argparse.Namespace) -> int:
                                      calibration=calibration, postprocessing=chain,
                                      calibrated_entropy=args.calibrated_entropy, conformal=conformal,
                                      device_memory=None if args.device_memory is None else args.device_memory * 2**30,
-                                     verbose=not args.quiet)
+                                     verbose=not args.quiet, tta=args.tta)
     scores = predictor.predict_folder(args.i, args.o, args.overwrite, args.num_parts, args.part_id)
-    print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s); outputs and scores.csv "
+    flips = f" x {len(predictor.flips(0))} test-time flips" if args.tta else ""
+    print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s){flips}; outputs and scores.csv "
           f"({len(scores)} rows) in {args.o}")
     return 0
 
@@ -58,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GiB one case may use on the device (default: the GPU's free memory); accumulators that "
                         "do not fit go to pinned CPU memory")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring as nnU-Net (off by default)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation as an uncertainty method: each of nnU-Net's mirror flips (4 in 2D, 8 "
+                        "in 3D) is a sample of its own, streamed like MC samples (entropy, MI, variance and scores "
+                        "over members x --mc samples x flips); turns nnU-Net's within-sample mirroring (--mirror, "
+                        "which averages the flips' logits inside one sample) off")
     o.add_step(p)
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("--part-id", type=int, default=0, help="which part this process predicts")

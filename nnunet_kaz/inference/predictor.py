@@ -7,6 +7,14 @@ sliding window; each sample's probabilities (softmax, or sigmoid for regions: ne
 name and renamed, the segmentation last, so a case is finished exactly when its segmentation exists.
 Every input file is checked (`nnunet_kaz.input_checks`) before anything is written; a rerun skips finished
 cases and removes the temporaries a killed run left behind.
+
+Test-time augmentation as an uncertainty method (`tta=True`, `predict --tta`, issue 25): each of nnU-Net's mirror
+flips (`sliding_window.tta_flips`: 4 in 2D, 8 in 3D) becomes a sample of its own, streamed into the same
+accumulators as MC samples, so entropy, MI, variance and the scores of TTA mean the same as those of ensembles,
+MC dropout and snapshots, and combine with them (members x MC samples x flips). nnU-Net's within-sample
+mirroring (the logits of the flips averaged inside one sample, `mirror`) is then off: every flip is counted once,
+as a sample. With MC dropout, flip f of sample k draws its masks from the key (seed, case, model, k, f) (f = 0, the
+identity, keeps the key (seed, case, model, k) of plain MC sampling, so its passes are those of `--mc` alone).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from tqdm import tqdm
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, write_segmentation
 from nnunet_kaz.inference.members import Member, load_models, parse_member
-from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout
+from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout, tta_flips
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy, slabs
@@ -95,7 +103,7 @@ class UncertaintyPredictor:
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
                  device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
                  verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
-                 conformal=None, device_memory: float | None = None):
+                 conformal=None, device_memory: float | None = None, tta: bool = False):
         self.device = resolve_device(device)
         self.device_memory = device_memory  # bytes a case may use on the device (`memory_budget`); None: all
         if self.device.type == "cuda":  # as nnUNetPredictor.__init__: cuDNN picks the fastest kernels per shape
@@ -108,7 +116,9 @@ class UncertaintyPredictor:
         if not 0 < tile_step_size <= 1:
             raise KazError(f"the tile step (tile_step_size) must lie in (0, 1], got {tile_step_size}",
                            option="tile_step_size")
-        self.members, self.mc, self.mirror, self.step = list(members), mc, mirror, tile_step_size
+        # TTA makes every flip a sample of its own: the within-sample mirroring (which would average them) is off
+        self.members, self.mc, self.mirror, self.step = list(members), mc, mirror and not tta, tile_step_size
+        self.tta = tta
         self.calibrated_entropy = calibrated_entropy
         self.mc_batch, self.seed, self.verbose = mc_batch, seed, verbose
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -149,16 +159,25 @@ class UncertaintyPredictor:
             raise KazError(f"cannot read or preprocess {image_files}: {type(e).__name__}: {e}") from None
         return torch.from_numpy(np.asarray(data, dtype=np.float32)), props
 
+    def flips(self, model_index: int = 0) -> list[tuple[int, ...] | None]:
+        """The test-time flips of a model, each a sample (`tta`): its mirror axes' `tta_flips`; [None] without
+        TTA (one pass per sample, mirrored inside it when `mirror`)."""
+        if not self.tta:
+            return [None]
+        return tta_flips(getattr(self.models[model_index].network, "mirror_axes", None))
+
     def sample_case(self, data: torch.Tensor, case: str, progress: bool = False,
                     on_cpu: bool = False) -> AccumulatedStats:
-        """Stream every model's samples of one preprocessed case into the accumulators.
+        """Stream every model's samples (x its test-time flips with `tta`) of one preprocessed case into the
+        accumulators.
 
         The accumulators and the stitched logits live on the device when they fit its memory (`case_placement`),
         else (or with `on_cpu`, the retry after a CUDA out-of-memory error) in pinned CPU memory; the MC batch
         is the largest that fits, at most `mc_batch`."""
         n_heads = self.label_manager.num_segmentation_heads
         n_per_model = max(1, self.mc)
-        n_total = len(self.models) * n_per_model
+        flips = [self.flips(m) for m in range(len(self.models))]
+        n_total = n_per_model * sum(len(f) for f in flips)
         fits, mc_batch = case_placement(n_heads, int(np.prod(data.shape[1:])), n_total, self.mc_batch,
                                         memory_budget(self.device, self.device_memory), int(data.shape[0]))
         results_device = self.device if fits and not on_cpu else torch.device("cpu")
@@ -166,22 +185,23 @@ class UncertaintyPredictor:
                                pin_memory=self.device.type == "cuda")
         self.case_mc_batch, self.case_device = mc_batch, results_device  # what this case ran with
         chunks = [min(mc_batch, n_per_model - i) for i in range(0, n_per_model, mc_batch)]
-        bar = tqdm(total=len(self.models) * n_per_model, desc=f"  {case} samples", leave=False,
-                   disable=not progress)
+        bar = tqdm(total=n_total, desc=f"  {case} samples", leave=False, disable=not progress)
         case_seed = zlib.crc32(case.encode())
         for m_index, model in enumerate(self.models):
             net = model.ready()
             set_mc_dropout(net, self.mc > 0)
             mirror_axes = net.mirror_axes if self.mirror else None
-            for start, b in zip(range(0, n_per_model, mc_batch), chunks):
-                # sample k's masks from its own stream (seed, case, m, k), whatever the batch (mc_batch)
-                keys = [(self.seed, case_seed, m_index, k) for k in range(start, start + b)] if self.mc > 0 else None
-                logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes,
-                                         results_device, sample_keys=keys)
-                # probabilities slab by slab into the accumulators: never the batch's whole float32 volume
-                stats.add_logits(logits, self.probabilities)
-                del logits  # before the next batch is stitched (one batch of logits alive at a time)
-                bar.update(b)
+            for f_index, flip in enumerate(flips[m_index]):
+                for start, b in zip(range(0, n_per_model, mc_batch), chunks):
+                    # sample k's masks from its own stream (seed, case, m, k[, flip f]), whatever the batch
+                    keys = [(self.seed, case_seed, m_index, k, *((f_index,) if f_index else ()))
+                            for k in range(start, start + b)] if self.mc > 0 else None
+                    logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes,
+                                             results_device, sample_keys=keys, flip=flip)
+                    # probabilities slab by slab into the accumulators: never the batch's whole float32 volume
+                    stats.add_logits(logits, self.probabilities)
+                    del logits  # before the next batch is stitched (one batch of logits alive at a time)
+                    bar.update(b)
         bar.close()
         return stats.result()
 
@@ -388,7 +408,8 @@ class UncertaintyPredictor:
         write_json_atomic(self.plans_manager.plans, output_dir / "plans.json")
         write_json_atomic({"members": [{"folder": str(m.folder), "checkpoints": [str(c) for c in m.checkpoints]}
                                        for m in self.members],
-                           "mc": self.mc, "mc_batch": self.mc_batch, "mirror": self.mirror,
+                           "mc": self.mc, "mc_batch": self.mc_batch, "mirror": self.mirror, "tta": self.tta,
+                           "tta_flips": [list(f) for f in self.flips(0)] if self.tta else None,
                            "tile_step_size": self.step, "seed": self.seed, "n_models": len(self.models),
                            "uncertainty_from": "uncalibrated samples",
                            "calibrated_entropy": self.calibrated_entropy and self.calibration is not None}, output_dir / "predict_args.json")

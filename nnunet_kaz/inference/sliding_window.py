@@ -15,6 +15,11 @@ generator, seeded by `derive_seed(*key_b, t)` on tile t (the tile's index in nnU
 included). So sample k's masks on tile t depend on (seed, case, m, k, t) only, not on how many samples share its
 batch: `--mc-batch 1` and `8` draw identical masks on the same device (`per_sample_dropout`), and their outputs
 agree within the float rounding of batched convolutions (README, "Reproducible MC dropout").
+
+Test-time augmentation as samples (`flip`, `predict --tta`): instead of averaging the logits of nnU-Net's mirror
+flips inside one sample, `predict_samples(..., flip=axes)` returns the logits of ONE flip: every tile flipped
+along `axes`, predicted and flipped back (its exact inverse), then stitched like any sample. `tta_flips` lists the
+flips nnU-Net's mirroring would average (the identity first), so the flips can be streamed as samples of their own.
 """
 from __future__ import annotations
 
@@ -123,21 +128,32 @@ def repeat_batch(obj, n: int):
     return obj
 
 
+def tta_flips(mirror_axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """The flips (spatial axes) nnU-Net's test-time mirroring averages, in its order: the identity, then every
+    non-empty combination of `mirror_axes` (2D: 4 flips, 3D: 8)."""
+    axes = list(mirror_axes or ())
+    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
 def _mirror_combinations(mirror_axes: Sequence[int] | None, ndim: int) -> list[tuple[int, ...]]:
     if not mirror_axes:
         return [()]
-    axes = [a + 2 for a in mirror_axes]
-    assert max(axes) < ndim, "mirror axes do not match the image dimension"
-    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+    assert max(mirror_axes) + 2 < ndim, "mirror axes do not match the image dimension"
+    return [tuple(a + 2 for a in c) for c in tta_flips(mirror_axes)]
 
 
 @torch.inference_mode()
 def predict_tile_samples(network: nn.Module, tile: torch.Tensor, n_samples: int,
-                         mirror_axes: Sequence[int] | None) -> torch.Tensor:
+                         mirror_axes: Sequence[int] | None, flip: Sequence[int] | None = None) -> torch.Tensor:
     """Logits of `n_samples` forward passes on one tile (1, C_in, *patch): (B, C, *patch), each sample averaged
-    over the mirror flips as nnU-Net does."""
+    over the mirror flips as nnU-Net does; with `flip` (spatial axes) only that flip, undone on the output."""
     split = hasattr(network, "forward_prefix") and hasattr(network, "forward_suffix")
-    combos = _mirror_combinations(mirror_axes, tile.ndim)
+    if flip is not None:
+        if mirror_axes:
+            raise ValueError("a single flip (flip) excludes averaging over the mirror flips (mirror_axes)")
+        combos = [tuple(a + 2 for a in flip)]
+    else:
+        combos = _mirror_combinations(mirror_axes, tile.ndim)
     total = None
     for axes in combos:
         x = torch.flip(tile, axes) if axes else tile
@@ -157,7 +173,8 @@ def predict_tile_samples(network: nn.Module, tile: torch.Tensor, n_samples: int,
 def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence[int], n_outputs: int,
                     n_samples: int, tile_step_size: float = 0.5, mirror_axes: Sequence[int] | None = None,
                     device: torch.device | str | None = None,
-                    sample_keys: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                    sample_keys: Sequence[Sequence[int]] | None = None,
+                    flip: Sequence[int] | None = None) -> torch.Tensor:
     """Sliding-window logits of `n_samples` samples for a preprocessed image (C_in, *spatial): (B, C, *spatial),
     on `device` (default: the network's).
 
@@ -165,6 +182,7 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
     which is what makes a single deterministic sample reproduce `nnUNetv2_predict`. `sample_keys` (one integer
     tuple per sample): sample b's dropout masks on tile t come from a generator seeded by (*key_b, t) on the
     network's device (module docstring), so they do not depend on `n_samples`; None: torch's global generator.
+    `flip` (spatial axes, () the identity): the logits of that one test-time flip (module docstring).
     """
     device = torch.device(device) if device is not None else network_placement(network)[0]
     autocast = torch.autocast(device.type) if device.type == "cuda" else nullcontext()
@@ -177,7 +195,7 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
         if streams is not None:
             streams.for_tile(next(tiles))
         with autocast:
-            out = predict_tile_samples(network, tile, n_samples, mirror_axes)
+            out = predict_tile_samples(network, tile, n_samples, mirror_axes, flip)
         if out.shape[1] != n_outputs:
             raise RuntimeError(f"the network gives {out.shape[1]} outputs, {n_outputs} expected")
         return out
