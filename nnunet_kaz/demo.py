@@ -7,15 +7,19 @@ Every step runs the command a user would type (printed before it runs), inside O
 4. `nnUNetv2_train -tr XBoundNetTrainer_demo_seed{0,1}` on folds 0 and 1, and `-tr XBoundNetTrainerSGDR_demo_seed0`
    (two SGDR cycles, snapshots);
 5. `nnunet-kaz predict` on the fold-0 validation patients with the fold-0 seed ensemble and MC dropout,
-   `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices)
-   and `nnunet-kaz conformal fit` on the same uncalibrated probabilities (conformal risk control: expected
-   false-negative rate of the ablation zone <= alpha = 0.1);
+   `nnunet-kaz calibrate` on those probabilities (paper 000: calibrate the ensemble on its validation slices;
+   logistic, and platt, temperature, isotonic for the side-by-side table) and `nnunet-kaz conformal fit` on the
+   same uncalibrated probabilities (conformal risk control: expected false-negative rate of the ablation zone
+   <= alpha = 0.1);
 6. `nnunet-kaz predict` for each method: single model, fold ensemble, MC dropout, seed ensemble, SGDR
-   snapshots, 2 seeds x 2 folds x MC dropout, the fold-0 seed ensemble x MC (with `--conformal`: the
-   conformal masks), and that calibrated and post-processed;
+   snapshots, test-time augmentation (`--tta`: the 4 mirror flips as samples), 2 seeds x 2 folds x MC dropout,
+   the fold-0 seed ensemble x MC (with `--conformal`: the conformal masks), and that calibrated and
+   post-processed;
 7. `nnunet-kaz compare` with `raters:` (metrics, ECE, reliability diagrams, uncertainty against error, scores
    against Dice, and NCC / ROI AUROC of each method's uncertainty map against where the annotation and the true
-   zone disagree, in one table);
+   zone disagree, in one table; 95 % intervals over the test patients, differences from the single model with
+   Holm-adjusted Wilcoxon tests), and `nnunet-kaz compare` with `calibrations:` (the fold-0 seed ensemble x MC
+   under no calibrator and the four calibrators, evaluated without predicting again);
 8. `nnunet-kaz evaluate --conformal` for the fold-0 seed ensemble x MC (realised false-negative rate per case
    against alpha);
 9. `nnunet-kaz explain` (layer-wise Grad-CAM of one test case);
@@ -50,6 +54,7 @@ FOLDS = (0, 1)
 SGDR = "XBoundNetTrainerSGDR_demo_seed0"  # seeded, as every demo trainer: the same figures run after run
 LABEL = "ablation_zone"  # the demo dataset.json's foreground label
 ALPHA = 0.1  # conformal risk control: bound on the expected false-negative rate
+CALIBRATORS = ("logistic", "platt", "temperature", "isotonic")  # logistic (paper 000's) is calibration.json
 K23_ID = 503
 K23_NAME = "KiTS23Phantom"
 K23_DATASET = f"Dataset{K23_ID:03d}_{K23_NAME}"
@@ -165,9 +170,11 @@ class Demo:
             self.link_cases(splits[0]["val"], self.dataset / "imagesTr", val_images, ".png")
             self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(val_preds), *self.fold0_ensemble,
                       "-device", "cpu"])
-        if self.step("5. Fit logistic calibration on those validation probabilities", calib):
-            self.run(["nnunet-kaz", "calibrate", "--probs", str(val_preds), "--gt", str(self.dataset / "labelsTr"),
-                      "-o", str(calib), "--method", "logistic"])
+        for method in CALIBRATORS:
+            target = self.calibrator_file(method)
+            if self.step(f"5. Fit {method} calibration on those validation probabilities", target):
+                self.run(["nnunet-kaz", "calibrate", "--probs", str(val_preds), "--gt",
+                          str(self.dataset / "labelsTr"), "-o", str(target), "--method", method])
         if self.step(f"5. Fit conformal risk control (expected FNR of {LABEL} <= {ALPHA}) on the same, uncalibrated, "
                      "validation probabilities", self.conformal_json):
             self.run(["nnunet-kaz", "conformal", "fit", "--probs", str(val_preds), "--gt",
@@ -179,6 +186,10 @@ class Demo:
 
             PostprocessingChain.paper000(size=list(self.original), threshold=0.4, radius_mm=1.0).save(chain)
         return calib
+
+    def calibrator_file(self, method: str) -> Path:
+        """calibration.json for paper 000's logistic calibrator (used by predict), calibration_METHOD.json else."""
+        return self.out / ("calibration.json" if method == "logistic" else f"calibration_{method}.json")
 
     @property
     def conformal_json(self) -> Path:
@@ -203,6 +214,7 @@ class Demo:
             f"MC dropout ({self.mc} samples)": ["-m", f"{s0}:0", "--mc", str(self.mc)],
             "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0"],
             "SGDR snapshots": ["-m", f"{sgdr}:0:snapshots"],
+            "test-time augmentation (4 flips)": ["-m", f"{s0}:0", "--tta"],
             f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", f"{s0}:0,1", f"{s1}:0,1", "--mc", str(self.mc // 2)],
             self.conformal_method: [*self.fold0_ensemble, "--conformal", str(self.conformal_json)],
             "+ calibration + post-processing": [*self.fold0_ensemble, "--calibration",
@@ -223,8 +235,6 @@ class Demo:
     def compare(self, folders: dict[str, Path]) -> Path:
         import yaml
 
-        from nnunet_kaz.evaluation.compare import run_slug
-
         out = self.out / "comparison"
         runs_yaml = self.out / "runs.yaml"
         # each run's own uncertainty maps (entropy of the uncalibrated samples' mean, paper 004's default), and
@@ -234,9 +244,10 @@ class Demo:
             "raters": str(self.dataset / "raterDisagreementTs"),
             "runs": [{"label": name, "pred": str(folder), "uncertainty": str(folder)}
                      for name, folder in folders.items()]}, sort_keys=False))
-        # done when the rater columns are there too (a comparison of an older demo run lacks them)
+        # done when the paired columns are there too (a comparison of an older demo run lacks them)
         if self.step("7. Compare the methods (metrics, calibration, uncertainty against error and against the "
-                     "raters)", out / "runs" / run_slug(next(iter(folders))) / "rater_agreement.csv"):
+                     "raters; intervals over patients, differences from the single model)",
+                     out / "comparison.csv" if _has_column(out / "comparison.csv", "dice_mean_p_holm") else None):
             self.run(["nnunet-kaz", "compare", str(runs_yaml), "-o", str(out), "-q"], quiet=True)  # table below
         print((out / "comparison.md").read_text())
         import pandas as pd
@@ -249,6 +260,30 @@ class Demo:
         print("  rater agreement (mean over test slices):\n" + "\n".join(
             f"    {name:<34} NCC {r.ncc_raters:.3f}  ROI AUROC {r.roi_auroc_raters:.3f} (pooled "
             f"{r.roi_auroc_raters_pooled:.3f})" for name, r in table.iterrows()))
+        return out
+
+    @property
+    def calibrator_comparison(self) -> Path:
+        return self.out / "comparison_calibrators"
+
+    def compare_calibrators(self, folders: dict[str, Path]) -> Path:
+        """One prediction folder (the fold-0 seed ensemble x MC, uncalibrated) under no calibrator and each
+        calibrator, evaluated without predicting again (`compare` with `calibrations:`)."""
+        import yaml
+
+        out = self.calibrator_comparison
+        runs_yaml = self.out / "calibrators.yaml"
+        folder = folders[self.conformal_method]
+        cals = {"none": None, **{("logistic (paper 000)" if m == "logistic" else m): str(self.calibrator_file(m))
+                                 for m in CALIBRATORS}}
+        runs_yaml.write_text(yaml.safe_dump({
+            "gt": str(self.dataset / "labelsTs"), "figure_cases": 0,
+            "runs": [{"label": self.conformal_method, "pred": str(folder), "uncertainty": str(folder),
+                      "calibrations": cals}]}, sort_keys=False))
+        if self.step("7. Compare the calibrators on one prediction folder, without predicting again",
+                     out / "comparison.csv"):
+            self.run(["nnunet-kaz", "compare", str(runs_yaml), "-o", str(out), "-q"], quiet=True)
+        print((out / "comparison.md").read_text())
         return out
 
     def evaluate_conformal(self, folders: dict[str, Path], comparison: Path) -> dict[str, Path]:
@@ -353,6 +388,7 @@ class Demo:
         self.calibrate()
         folders = self.predict()
         comparison = self.compare(folders)
+        self.compare_calibrators(folders)
         evaluations = self.evaluate_conformal(folders, comparison)
         from nnunet_kaz.demo_report import conformal_table
 
@@ -366,6 +402,15 @@ class Demo:
         report = self.report(folders, comparison, gradcam, evaluations)
         print(f"\nDemo finished in {time.time() - self.t0:.0f}s. Report: {report}")
         return report
+
+
+def _has_column(csv: Path, column: str) -> bool:
+    """Whether `csv` exists and its header names `column` (an output of an older version may lack it)."""
+    try:
+        with open(csv) as f:
+            return column in f.readline().strip().split(",")
+    except OSError:
+        return False
 
 
 def training_losses(fold_dir: Path) -> list[float]:

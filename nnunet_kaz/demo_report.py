@@ -189,9 +189,33 @@ def rater_summary(evaluation: Path) -> dict:
     return {k: hit[k] for k in ("mean_ncc", "mean_roi_auroc", "pooled_roi_auroc", "n_cases") if k in hit}
 
 
+def comparison_section(rep: HtmlReport, comparison: Path) -> pd.DataFrame:
+    """The tables of a `compare` output folder (comparison_sections: a page wide each, values with their
+    intervals, differences from the reference with Holm-adjusted p) and how the intervals were made."""
+    from nnunet_kaz.evaluation.compare import comparison_sections, intervals_note
+
+    table = pd.read_csv(comparison / "comparison.csv")
+    for title, head, rows, note in comparison_sections(table):
+        rep.subheading(title)
+        rep.rows(head, rows)
+        rep.text(note, "note")
+    info = json.loads((comparison / "comparison.json").read_text())["settings"]
+    if info.get("grouping"):
+        rep.text(intervals_note(info), "note")
+    return table
+
+
+def comparison_meta(comparison: Path, units: str) -> str:
+    """`n = 36 slices of 3 patients; UNITS` from a compare output's grouping."""
+    g = json.loads((comparison / "comparison.json").read_text())["settings"].get("grouping") or {}
+    n = f"n = {g['n_cases']} slices of {g['n_patients']} patients" if g else "n = the test slices"
+    return f"{n}; {units}"
+
+
 def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path,
                  evaluations: dict[str, Path] | None = None) -> Path:
     from nnunet_kaz import __version__
+    from nnunet_kaz.evaluation.intervals import fmt_ci
 
     rep = HtmlReport("nnunet-kaz demo: XBoundNet++ with uncertainty on a KAZ phantom")
     meta = json.loads((demo.dataset / "kaz_meta.json").read_text())
@@ -201,25 +225,40 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
              f"{demo.n_test} patients ({n_test} slices) held out for testing, the rest in 5 patient-wise folds. "
              "The annotations are rough, perturbed versions of the true zones, as clinicians' KAZ masks are.")
 
-    rep.heading("Methods compared on the held-out patients")
-    table = pd.read_csv(comparison / "comparison.csv")
-    rep.table(table)
-    rep.text("Dice and HD95 (pixels) against the annotation; ECE (15 equal-width bins) over all pixels and in "
-             "the region of interest (annotation and prediction dilated by 5 pixels); uncertainty AUROC: how well "
-             "normalized entropy finds the wrong pixels; Spearman: per-image scores against Dice.", "note")
+    units = "Dice and calibration errors unitless, HD95 in pixels of the 48 x 48 network input"
+    rep.heading("Methods compared on the held-out patients", comparison_meta(comparison, units))
+    table = comparison_section(rep, comparison)
     rows = table.set_index("method")
     before, after = list(folders)[-2], list(folders)[-1]
-    pairs = ", ".join(f"{c}: {rows.loc[before, c]:.4f} -> {rows.loc[after, c]:.4f}"
-                      for c in ("ece_all", "ece_roi", "dice_mean", "hd95_mean"))
-    rep.text(f"Calibration (logistic, fitted on the fold-0 validation patients' probabilities of the same ensemble) "
-             f"and post-processing (threshold 0.4, closing, largest component), before -> after: {pairs}.")
+
+    def change(c):
+        return (f"{c}: {fmt_ci(rows.loc[before, c], rows.loc[before].get(c + '_ci_low'), rows.loc[before].get(c + '_ci_high'))}"
+                f" -> {fmt_ci(rows.loc[after, c], rows.loc[after].get(c + '_ci_low'), rows.loc[after].get(c + '_ci_high'))}")
+
+    rep.text("Calibration (logistic, fitted on the fold-0 validation patients' probabilities of the same ensemble) "
+             "and post-processing (threshold 0.4, closing, largest component), before -> after: "
+             + "; ".join(change(c) for c in ("ece_all", "ece_roi", "dice_mean", "hd95_mean")) + ".")
     for scope in ("all", "roi"):
         rep.figure(comparison / f"reliability_overlay_{scope}.png", f"Reliability diagrams, scope {scope}")
+    rep.figure(comparison / "risk_coverage_overlay.png", "Risk-coverage curves of every method (risk 1 - Dice)")
 
-    rep.heading("Uncertainty against error (paper 000 Fig. 4)")
+    tta_section(rep, comparison, table)
+    if demo.calibrator_comparison.is_dir():
+        rep.heading("Calibrators side by side, without predicting again",
+                    comparison_meta(demo.calibrator_comparison, "calibration errors and Dice unitless, HD95 in pixels"))
+        rep.text(f"nnunet-kaz compare with calibrations: one prediction folder ({demo.conformal_method}, predicted "
+                 "without --calibration) evaluated under no calibrator and under each calibrator fitted on the fold-0 "
+                 "validation patients' probabilities (nnunet-kaz calibrate --method logistic / platt / temperature / "
+                 "isotonic); the segmentation is the argmax of the calibrated probabilities. Differences are from "
+                 "'none'.")
+        comparison_section(rep, demo.calibrator_comparison)
+        rep.figure(demo.calibrator_comparison / "reliability_overlay_roi.png", "Reliability diagrams, scope roi")
+
     ensemble = list(folders)[-3]  # 2 seeds x 2 folds x MC dropout
     last = comparison / "runs" / run_slug(ensemble)
     last = last if last.is_dir() else None
+    rep.heading("Uncertainty against error (paper 000 Fig. 4)",
+                f"n = {n_test} test slices ({ensemble}); pixel counts, fractions unitless")
     for fig in sorted((last / "figures").glob("*.png"))[:1] if last else []:
         rep.figure(fig, f"{last.name}: image, annotation, prediction, probability, entropy, and the pixels left "
                         "after removing those above the uncertainty thresholds T = 100, 75, 50, 25")
@@ -230,15 +269,18 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
         rep.figure(example, "Mean probability, normalized entropy and mutual information of 2 seeds x 2 folds x "
                             "MC-dropout samples")
 
-    rep.heading("Per-image uncertainty scores against Dice")
+    rep.heading("Per-image uncertainty scores against Dice",
+                f"n = {n_test} test slices ({ensemble}); Spearman's rho unitless")
     if last and (last / "score_scatter.png").is_file():
         rep.figure(last / "score_scatter.png", "Per-image scores of nnunet-kaz predict against Dice")
         rep.table(pd.read_csv(last / "score_correlations.csv"))
 
     conformal_section(rep, demo, folders)
     if evaluations:
-        rep.heading("Uncertainty against rater variability (2D)")
-        rep.table(pd.DataFrame([{"method": name, **rater_summary(folder)} for name, folder in evaluations.items()]))
+        rep.heading("Uncertainty against rater variability (2D)",
+                    f"n = {n_test} test slices per method; NCC and AUROC unitless")
+        rep.table(pd.DataFrame([{"method": name, **{k: v for k, v in rater_summary(folder).items()}}
+                                for name, folder in evaluations.items()]))
         rep.text("compare with raters: (evaluate --raters per run) against raterDisagreementTs (1 where the rough annotation and the true zone "
                  "differ): NCC between the normalized-entropy map and the disagreement map, and the AUROC of the "
                  "entropy for finding disagreement pixels inside the region of interest (annotation and prediction "
@@ -246,13 +288,14 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
 
     kits23_section(rep, demo)
 
-    rep.heading("Layer-wise Grad-CAM (paper 000 section 2.2)")
+    rep.heading("Layer-wise Grad-CAM (paper 000 section 2.2)", "n = 1 test slice; activation maps scaled to [0, 1]")
     rep.figure(gradcam, "Grad-CAM of the ablation-zone logits over the annotation, block by block")
 
-    rep.heading("Training")
     from nnunet_kaz.demo import SGDR
 
     manifest = json.loads((demo.results(SGDR) / "fold_0" / "snapshots.json").read_text())
+    rep.heading("Training", f"n = {len(manifest['snapshots'])} SGDR snapshots of 1 run (fold 0); epochs, learning "
+                            "rate, EMA pseudo-Dice unitless")
     rep.text(f"SGDR cycles end at epochs {manifest['cycle_ends']}; the top {manifest['top_k']} checkpoints of the "
              f"last {manifest['window']} epochs of each cycle by EMA pseudo-Dice were kept:")
     rep.table(pd.DataFrame(manifest["snapshots"]), digits=4)
@@ -261,13 +304,36 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
     rep.figure(demo.results(SGDR) / "fold_0" / "progress.png",
                "SGDR run: learning rate with warm restarts")
 
-    rep.heading("Commands run")
+    rep.heading("Commands run", f"n = {len(demo.timings)} commands; seconds")
     rep.table(pd.DataFrame(demo.timings, columns=["command", "seconds"]), digits=1)
     rep.text(f"Everything is under {demo.out}: nnU-Net folders, predictions/ (one folder per method: "
              "segmentations, CASE.npz probabilities, CASE_uncertainty.npz, entropy images, scores.csv), "
-             "comparison/, explain/, and predictions/*plus*/kaz_export/ (BMP masks at the original slice size).",
-             "note")
+             "comparison/, comparison_calibrators/, explain/, and predictions/*plus*/kaz_export/ (BMP masks at the "
+             "original slice size).", "note")
     return rep.write(demo.out / "report.html")
+
+
+TTA_FIGURES = (("auroc_roi", "AUROC roi"), ("aurc", "AURC"), ("e_aurc", "E-AURC"), ("ncc_raters", "NCC raters"),
+               ("ece_roi", "ECE roi"), ("dice_mean", "Dice"))
+
+
+def tta_section(rep: HtmlReport, comparison: Path, table: pd.DataFrame) -> None:
+    """Test-time augmentation beside MC dropout, ensembles and snapshots: the uncertainty figures of each."""
+    from nnunet_kaz.evaluation.intervals import fmt_ci
+
+    tta = [m for m in table["method"] if str(m).startswith("test-time augmentation")]
+    if not tta:
+        return
+    rep.heading("Test-time augmentation beside the other uncertainty methods",
+                comparison_meta(comparison, "all figures unitless"))
+    rep.text("predict --tta streams nnU-Net's 4 mirror flips of the single model as samples of their own into the "
+             "same accumulators as MC-dropout samples, ensemble members and snapshots, so its entropy, mutual "
+             "information, variance and scores mean the same thing (nnU-Net's within-sample mirroring, which "
+             "would average the flips inside one sample, is off). Higher AUROC and NCC, lower AURC and E-AURC are "
+             "better.")
+    rows = [[str(r["method"])] + [fmt_ci(r.get(c), r.get(c + "_ci_low"), r.get(c + "_ci_high")) for c, _ in TTA_FIGURES]
+            for r in table.to_dict("records")]
+    rep.rows(["method"] + [name for _, name in TTA_FIGURES], rows)
 
 
 def conformal_section(rep: HtmlReport, demo, folders: dict[str, Path]) -> None:
@@ -276,9 +342,10 @@ def conformal_section(rep: HtmlReport, demo, folders: dict[str, Path]) -> None:
     folder = folders[demo.conformal_method]
     gt = demo.dataset / "labelsTs"
     fit = json.loads(demo.conformal_json.read_text())
-    rep.heading("Conformal risk control: a bound on the missed ablation zone")
     table = conformal_table(folder, gt, LABEL)
     n = len(table)
+    rep.heading("Conformal risk control: a bound on the missed ablation zone",
+                f"n = {n} test slices; false-negative rates and size ratios unitless")
     rep.text(f"nnunet-kaz conformal fit on the fold-0 validation patients' uncalibrated probabilities of the "
              f"{demo.conformal_method} ensemble picked the threshold of the mask {{p >= 1 - lambda}} so that the "
              f"expected false-negative rate of {LABEL} on a new exchangeable case is at most alpha = {ALPHA} "
@@ -318,7 +385,10 @@ def kits23_section(rep: HtmlReport, demo) -> None:
     ev = demo.k23_evaluation
     if not (ev / "kits23_summary.csv").is_file():
         return
-    rep.heading("KiTS23 3D part: region Dice, Surface Dice, failure detection, rater agreement")
+    n_cases = len(pd.read_csv(ev / "kits23.csv")) // 3 if (ev / "kits23.csv").is_file() else demo.k23_cases // 2
+    rep.heading("KiTS23 3D part: region Dice, Surface Dice, failure detection, rater agreement",
+                f"n = {n_cases} validation cases (each its own patient); Dice unitless, Surface Dice at tolerances "
+                "in mm")
     rep.text(f"{demo.k23_cases} phantom cases of {' x '.join(map(str, demo.k23_size))} voxels in the KiTS23 layout "
              "(three raters' annotations per case differing at the boundaries) -> convert-kits23 --regions "
              f"({K23_DATASET}, nested regions kidney+masses, masses, tumour) -> a tiny 3D XBoundNet++ "

@@ -24,8 +24,9 @@ def test_report_embeds_figures_and_tables_and_escapes_text(tmp_path):
     assert "data:image/png;base64," in html and "0.812" in html
     assert "a &lt;title&gt;" in html and "Section &amp; more" in html
     assert "missing.png missing" in html
-    # self-contained: no external sources or links
-    assert not re.search(r"(src|href)=['\"](?!data:)", html)
+    # self-contained: no external sources or links (only the contents list's links to its own sections)
+    assert not re.search(r"(src|href)=['\"](?!data:|#)", html)
+    assert "<a href='#s1'>Section &amp; more</a>" in html
 
 
 def test_demo_conformal_table_by_hand(tmp_path):
