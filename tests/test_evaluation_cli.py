@@ -191,19 +191,24 @@ def test_bad_inputs_name_the_cases(dataset, tmp_path, capsys):
     assert "would replace the input folder" in err
 
 
+def run_compare(tmp_path, runs_yaml: str, *extra: str) -> tuple[Path, pd.DataFrame]:
+    """`nnunet-kaz compare` on a runs.yaml text written into tmp_path: the output folder and comparison.csv."""
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(runs_yaml)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "-o", str(out), "-q", *extra]) == 0
+    return out, pd.read_csv(out / "comparison.csv")
+
+
 def test_compare_two_methods(dataset, tmp_path, capsys):
     second = tmp_path / "second"
     second.mkdir()
     for f in (dataset / "pred").glob("case_00?.nii.gz"):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         write_nifti(ndimage.binary_erosion(a > 0) * a, second / f.name)
-    runs = tmp_path / "runs.yaml"
-    runs.write_text(f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nruns:\n"
-                    f"  - label: ensemble\n    pred: {dataset / 'pred'}\n"
-                    f"  - label: eroded\n    pred: second\n    probs: {dataset / 'pred'}\n")
-    out = tmp_path / "cmp"
-    assert main(["compare", str(runs), "-o", str(out), "-q"]) == 0
-    t = pd.read_csv(out / "comparison.csv")
+    out, t = run_compare(tmp_path, f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nruns:\n"
+                                   f"  - label: ensemble\n    pred: {dataset / 'pred'}\n"
+                                   f"  - label: eroded\n    pred: second\n    probs: {dataset / 'pred'}\n")
     assert list(t["method"]) == ["ensemble", "eroded"]
     assert t.loc[0, "dice_mean"] > t.loc[1, "dice_mean"]
     assert t.loc[0, "ece_all"] == pytest.approx(t.loc[1, "ece_all"])   # same probabilities
@@ -235,14 +240,12 @@ def test_compare_paired_differences_wilcoxon_holm_and_the_reference(dataset, tmp
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
             b = op(a > 0, iterations=1 if name == "eroded" else 2)
             write_nifti(np.where(b, np.maximum(a, 1), 0) if name == "dilated" else b * a, folders[name] / f.name)
-    runs = tmp_path / "runs.yaml"
-    runs.write_text(f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nbootstrap: 300\nbootstrap_seed: 2\nruns:\n"
-                    f"  - label: ensemble\n    pred: {dataset / 'pred'}\n"
-                    f"  - label: eroded\n    pred: eroded\n    probs: {dataset / 'pred'}\n"
-                    f"  - label: dilated\n    pred: dilated\n    probs: {dataset / 'pred'}\n")
-    out = tmp_path / "cmp"
-    assert main(["compare", str(runs), "-o", str(out), "-q", "--reference", "eroded"]) == 0
-    t = pd.read_csv(out / "comparison.csv").set_index("method")
+    out, t = run_compare(tmp_path, f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nbootstrap: 300\n"
+                                   f"bootstrap_seed: 2\nruns:\n  - label: ensemble\n    pred: {dataset / 'pred'}\n"
+                                   f"  - label: eroded\n    pred: eroded\n    probs: {dataset / 'pred'}\n"
+                                   f"  - label: dilated\n    pred: dilated\n    probs: {dataset / 'pred'}\n",
+                         "--reference", "eroded")
+    t = t.set_index("method")
     assert list(t["reference"]) == [False, True, False]
     cols = list(t.columns)
     assert cols[cols.index("dice_mean") + 1:cols.index("dice_mean") + 3] == ["dice_mean_ci_low", "dice_mean_ci_high"]
@@ -285,13 +288,11 @@ def test_compare_calibrators_without_predicting_again(dataset, tmp_path, capsys)
     for method in ("temperature", "platt"):
         files[method] = tmp_path / f"{method}.json"
         save_calibrator(make_calibrator(method, classes_from_labels(LABELS)).fit(p, y), files[method])
+    out, t = run_compare(tmp_path, f"gt: {dataset / 'gt'}\nfigure_cases: 0\nbootstrap: 50\nruns:\n  - label: ens\n"
+                                   f"    pred: {dataset / 'pred'}\n    calibrations:\n      none: null\n"
+                                   f"      temperature: {files['temperature']}\n      platt: {files['platt']}\n")
+    t = t.set_index("method")
     runs = tmp_path / "runs.yaml"
-    runs.write_text(f"gt: {dataset / 'gt'}\nfigure_cases: 0\nbootstrap: 50\nruns:\n  - label: ens\n"
-                    f"    pred: {dataset / 'pred'}\n    calibrations:\n      none: null\n"
-                    f"      temperature: {files['temperature']}\n      platt: {files['platt']}\n")
-    out = tmp_path / "cmp"
-    assert main(["compare", str(runs), "-o", str(out), "-q"]) == 0
-    t = pd.read_csv(out / "comparison.csv").set_index("method")
     assert list(t.index) == ["ens: none", "ens: temperature", "ens: platt"]
     from nnunet_kaz.postprocessing import load_calibrator
 

@@ -32,7 +32,7 @@ each (scope, class) also keeps one small histogram per patient, and a bootstrap 
 of the drawn patients (with their multiplicity) and computes ECE / ACE / MCE / Brier from that pool, exactly as
 from the data (`intervals` module: patient-level percentile bootstrap). ECE, MCE and Brier of a resample are
 exact; for the ACE the per-patient fine bins are 2^7 times wider (relative width 2^-4 instead of 2^-11 of
-min(c, 1 - c); 64 kB per patient, scope and class instead of 8 MB), so a resample's ACE carries the error bound
+min(c, 1 - c); 130 kB per patient, scope and class instead of 16 MB), so a resample's ACE carries the error bound
 above with those bins. A patient's own value (for the paired Wilcoxon test) is the same statistic over its
 voxels alone.
 """

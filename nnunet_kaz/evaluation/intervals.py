@@ -34,6 +34,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -147,11 +148,9 @@ class Bootstrap:
         return rng.integers(0, n_patients, (self.n_resamples, n_patients))
 
     def weights(self, n_patients: int) -> np.ndarray:
-        """(B, P) float64: how often each patient is drawn in each resample."""
-        idx = self.draws(n_patients)
-        w = np.zeros((self.n_resamples, n_patients))
-        np.add.at(w, (np.arange(self.n_resamples)[:, None], idx), 1.0)
-        return w
+        """(B, P) float64, read-only: how often each patient is drawn in each resample (computed once per
+        settings and P: every figure of a run, and every run of a comparison, sees the same resamples)."""
+        return _weights(self.n_resamples, self.seed, int(n_patients))
 
     def interval(self, resampled: np.ndarray | None) -> tuple[float, float]:
         """(low, high) percentile interval of the resampled statistics (non-finite ones left out)."""
@@ -172,6 +171,15 @@ class Bootstrap:
     def summary(self) -> dict:
         return {"method": "percentile", "confidence": self.confidence, "n_resamples": self.n_resamples,
                 "seed": self.seed, "resampling_unit": "patient (all its cases together)"}
+
+
+@lru_cache(maxsize=8)
+def _weights(n_resamples: int, seed: int, n_patients: int) -> np.ndarray:
+    idx = Bootstrap(n_resamples, seed).draws(n_patients)
+    w = np.zeros((n_resamples, n_patients))
+    np.add.at(w, (np.arange(n_resamples)[:, None], idx), 1.0)
+    w.flags.writeable = False
+    return w
 
 
 @dataclass
