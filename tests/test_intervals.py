@@ -211,9 +211,11 @@ def test_grouping_by_meta_pattern_and_3d(tmp_path):
 
 
 def test_format_and_bad_settings():
-    assert fmt_ci(0.8661, 0.8412, 0.8923) == "0.866 [0.84, 0.89]"
-    assert fmt_ci(0.01883, 0.0121, 0.0313) == "0.0188 [0.012, 0.031]"
-    assert fmt_ci(12.345, 9.81, 15.2) == "12.3 [9.8, 15]"
+    assert fmt_ci(0.8661, 0.8412, 0.8873) == "0.866 [0.84, 0.89]"          # the interval rounded outwards
+    assert fmt_ci(0.01883, 0.0121, 0.0313) == "0.0188 [0.012, 0.032]"
+    assert fmt_ci(12.345, 9.81, 15.2) == "12.3 [9.8, 16]"
+    assert fmt_ci(0.0878, 0.08779, 0.47) == "0.0878 [0.087, 0.47]"        # never [0.088, ...] around 0.0878
+    assert fmt_ci(-0.5, -0.612, -0.41, sign=True) == "-0.500 [-0.62, -0.41]"
     assert fmt_ci(0.02, 0.01, float("nan"), sign=True) == "+0.0200"
     assert fmt_ci(float("nan")) == "n/a"
     with pytest.raises(KazError, match="bootstrap"):

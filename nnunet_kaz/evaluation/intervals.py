@@ -279,19 +279,25 @@ def _decimals(v: float, significant: int) -> int:
     return max(0, significant - 1 - int(math.floor(math.log10(abs(v)))))
 
 
-def fmt(v: float | None, significant: int = 3) -> str:
-    """A number with `significant` digits, never in exponent notation: 0.866, 0.0188, 12.3, 1234."""
+def fmt(v: float | None, significant: int = 3, outward: int = 0) -> str:
+    """A number with `significant` digits, never in exponent notation: 0.866, 0.0188, 12.3, 1234; `outward`
+    -1 / +1 rounds down / up instead of to the nearest (an interval's ends, so it never looks narrower)."""
     if v is None or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(float(v)):
         return "n/a"
     v = float(v)
-    return f"{v:.{_decimals(v, significant)}f}"
+    d = _decimals(v, significant)
+    if outward:
+        scaled = v * 10 ** d
+        v = (math.floor(scaled + 1e-9) if outward < 0 else math.ceil(scaled - 1e-9)) / 10 ** d
+    return f"{v:.{d}f}"
 
 
 def fmt_ci(v: float | None, lo: float | None = None, hi: float | None = None, sign: bool = False) -> str:
-    """`0.866 [0.84, 0.89]`: the value with 3 significant digits, the interval with 2 (none when NaN)."""
+    """`0.866 [0.84, 0.89]`: the value with 3 significant digits, the interval with 2, rounded outwards (none
+    when NaN)."""
     text = fmt(v)
     if sign and text != "n/a" and float(v) > 0:
         text = "+" + text
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return text
-    return f"{text} [{fmt(lo, 2)}, {fmt(hi, 2)}]"
+    return f"{text} [{fmt(lo, 2, -1)}, {fmt(hi, 2, +1)}]"
