@@ -38,6 +38,7 @@ voxels alone.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -184,7 +185,7 @@ class ReliabilityHistogram:
         """Adaptive ECE, R equal-mass bins, from the fine histogram (module docstring); NaN without voxels."""
         if not self.adaptive:
             raise ValueError("this histogram was built with adaptive=False")
-        return ace_row(self._fine_count, self._fine_conf, self.n, self.n_bins)
+        return float(ace_rows(self._fine_count[None], self._fine_conf[None], np.array([self.n]), self.n_bins)[0])
 
     def brier(self) -> float:
         return self.sq_error / self.n if self.n else float("nan")
@@ -211,24 +212,48 @@ def mce_rows(count: np.ndarray, conf: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(best), best, np.nan)
 
 
-def ace_row(fine_count: np.ndarray, fine_conf: np.ndarray, n: float, n_bins: int) -> float:
-    """Adaptive ECE of one fine histogram (interleaved [fine bin, outcome]), R = n_bins equal-mass bins."""
-    if not n > 0:
-        return float("nan")
-    count = fine_count[0::2] + fine_count[1::2]
-    keep = count > 0
-    cum_n = np.concatenate([[0.0], np.cumsum(count[keep])]).astype(np.float64)
-    cum_pos = np.concatenate([[0.0], np.cumsum(fine_count[1::2][keep])]).astype(np.float64)
-    cum_conf = np.concatenate([[0.0], np.cumsum((fine_conf[0::2] + fine_conf[1::2])[keep])])
-    # cumulative sums at the equal-mass boundaries, interpolated inside the straddling fine bin (pro rata)
-    edges = n * np.arange(n_bins + 1) / n_bins
-    pos = np.interp(edges, cum_n, cum_pos)
-    conf = np.interp(edges, cum_n, cum_conf)
-    return float(np.abs(np.diff(pos) - np.diff(conf)).sum() / n)
+def _cumulative(fine_count: np.ndarray, fine_conf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative voxel counts, positives and confidence sums over the fine bins of each row (B, K + 1)."""
+    zero = np.zeros((fine_count.shape[0], 1))
+    return tuple(np.concatenate([zero, np.cumsum(a, axis=1)], axis=1) for a in
+                 (fine_count[:, 0::2] + fine_count[:, 1::2], fine_count[:, 1::2], fine_conf[:, 0::2] + fine_conf[:, 1::2]))
+
+
+def ace_rows(fine_count: np.ndarray, fine_conf: np.ndarray, n: np.ndarray, n_bins: int) -> np.ndarray:
+    """Adaptive ECE of each row of fine histograms (B, 2K), interleaved [fine bin, outcome], with R = n_bins
+    equal-mass bins (`ace_cumulative`)."""
+    return ace_cumulative(*_cumulative(np.atleast_2d(fine_count), np.atleast_2d(fine_conf)), n, n_bins)
+
+
+def ace_cumulative(cum_n: np.ndarray, cum_pos: np.ndarray, cum_conf: np.ndarray, n: np.ndarray,
+                   n_bins: int) -> np.ndarray:
+    """Adaptive ECE from each row's cumulative counts, positives and confidence sums over the fine bins: their
+    values at the equal-mass boundaries n j / R, interpolated linearly inside the fine bin that straddles a
+    boundary (pro rata; an empty fine bin is a flat step and never changes the result). NaN where n = 0."""
+    n = np.atleast_1d(np.asarray(n, dtype=np.float64))
+    rows, width = cum_n.shape
+    edges = n[:, None] * np.arange(n_bins + 1) / n_bins
+    # one searchsorted for every row: each row shifted past the previous one (the arithmetic below uses the
+    # unshifted values)
+    shift = np.arange(rows)[:, None] * (float(cum_n[:, -1].max(initial=0.0)) + 1.0)
+    at = np.searchsorted((cum_n + shift).ravel(), (edges + shift).ravel(), side="right") - 1
+    start = np.repeat(np.arange(rows) * width, n_bins + 1)
+    at = np.clip(at, start, start + width - 2)
+    flat_n, q = cum_n.ravel(), edges.ravel()
+    x0, x1 = flat_n[at], flat_n[at + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(x1 > x0, (q - x0) / np.where(x1 > x0, x1 - x0, 1), 0.0)
+
+        def at_edges(cum):
+            f = cum.ravel()
+            return (f[at] + t * (f[at + 1] - f[at])).reshape(rows, n_bins + 1)
+
+        gap = np.abs(np.diff(at_edges(cum_pos), axis=1) - np.diff(at_edges(cum_conf), axis=1)).sum(axis=1)
+        return np.where(n > 0, gap / np.where(n > 0, n, 1), np.nan)
 
 
 def stacked_metrics(histograms: Sequence[ReliabilityHistogram], weights: np.ndarray,
-                    chunk: int = 128) -> dict[str, np.ndarray]:
+                    chunk: int = 512) -> dict[str, np.ndarray]:
     """ECE, ACE, MCE and Brier of the pools `weights @ histograms` (B pools of P histograms, e.g. bootstrap
     resamples of patients, or the identity for each histogram alone): arrays of length B."""
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
@@ -243,16 +268,15 @@ def stacked_metrics(histograms: Sequence[ReliabilityHistogram], weights: np.ndar
                "brier": np.where(pool_n > 0, (w @ sq) / np.where(pool_n > 0, pool_n, 1), np.nan),
                "ace": np.full(w.shape[0], np.nan)}
     if first.adaptive:
-        # only the fine bins some histogram uses (a 2D slice fills a few thousand of them)
+        # only the fine bins some histogram uses (a 2D slice fills a few thousand of them); cumulative sums are
+        # linear, so a pool's are the weighted sums of each histogram's
         fc = np.stack([h._fine_count for h in histograms])
         used = np.flatnonzero((fc[:, 0::2] + fc[:, 1::2]).any(axis=0))
         cols = np.stack([2 * used, 2 * used + 1], axis=1).ravel()
-        fc = fc[:, cols].astype(np.float64)
-        fconf = np.stack([h._fine_conf[cols] for h in histograms])
+        cums = _cumulative(fc[:, cols].astype(np.float64), np.stack([h._fine_conf[cols] for h in histograms]))
         for lo in range(0, w.shape[0], chunk):  # (chunk, used) temporaries
-            pc, pconf = w[lo:lo + chunk] @ fc, w[lo:lo + chunk] @ fconf
-            out["ace"][lo:lo + chunk] = [ace_row(pc[i], pconf[i], pool_n[lo + i], first.n_bins)
-                                         for i in range(pc.shape[0])]
+            wc = w[lo:lo + chunk]
+            out["ace"][lo:lo + chunk] = ace_cumulative(*(wc @ c for c in cums), pool_n[lo:lo + chunk], first.n_bins)
     return out
 
 
@@ -286,6 +310,7 @@ class CalibrationSet:
         self.histograms: dict[tuple[str, str], ReliabilityHistogram] = {}
         self.by_patient: dict[tuple[str, str], dict[str, ReliabilityHistogram]] = {}
         self.n_classes: int | None = None
+        self._estimates: dict[tuple, dict] = {}  # estimates() after the last case, by arguments
 
     def _hist(self, scope: str, cls: str) -> ReliabilityHistogram:
         key = (scope, cls)
@@ -347,6 +372,10 @@ class CalibrationSet:
         when the row has no voxels."""
         from nnunet_kaz.evaluation.intervals import Estimate
 
+        key = (scope, cls, tuple(patients) if patients is not None else None, id(weights),
+               sum(h.n for h in self.histograms.values()))
+        if key in self._estimates and self._estimates[key][0] is weights:
+            return {m: copy.copy(e) for m, e in self._estimates[key][1].items()}
         classes = self.classwise() if cls == self.MACRO else [cls]
         if any((scope, k) not in self.histograms or not self.histograms[(scope, k)].n for k in classes):
             return {}
@@ -362,7 +391,8 @@ class CalibrationSet:
             out[m].per_patient = np.mean([o[m] for o in own], axis=0)
             if pooled is not None:
                 out[m].resampled = np.mean([o[m] for o in pooled], axis=0)
-        return out
+        self._estimates[key] = (weights, out)
+        return {m: copy.copy(e) for m, e in out.items()}
 
     def table(self, patients: Sequence[str] | None = None, bootstrap=None) -> pd.DataFrame:
         """`calibration.csv` rows: scope, class (top-label, the classes, macro), ece, ace, mce, brier, n_voxels;
