@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +26,11 @@ th{background:#eef;overflow-wrap:anywhere;font-weight:600}td:first-child,th:firs
 img{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}figure{margin:1em 0}
 figcaption{color:#555;font-size:.9em}.note{color:#555}.meta{color:#446;font-size:.9em;margin-top:-.4em}
 nav.toc ol{columns:2;column-gap:3em}nav.toc li{margin:.15em 0}code{background:#f4f4f8;padding:0 .2em}"""
+
+
+def _keep_intervals_whole(text: str) -> str:
+    """An interval `[0.84, 0.89]` breaks only before its bracket, never inside (a no-break space after the comma)."""
+    return re.sub(r"\[([^\]\s]*), ([^\]\s]*)\]", "[\\1,\u00a0\\2]", text)
 
 
 class HtmlReport:
@@ -54,14 +60,25 @@ class HtmlReport:
         self.parts.append(f"<pre><code>{html.escape(text)}</code></pre>")
 
     def table(self, df: pd.DataFrame, digits: int = 3) -> None:
-        """A DataFrame, floats with `digits` decimals, in its own box of the page's width."""
+        """A DataFrame, floats with `digits` decimals, in its own box of the page's width; a column M with
+        M_ci_low and M_ci_high beside it is shown as one column `0.866 [0.84, 0.89]`."""
+        from nnunet_kaz.evaluation.intervals import fmt_ci
+
+        ci = [c for c in df.columns if f"{c}_ci_low" in df.columns and f"{c}_ci_high" in df.columns]
+        if ci:
+            df = df.copy()
+            for c in ci:
+                df[c] = [_keep_intervals_whole(fmt_ci(v, lo, hi))
+                         for v, lo, hi in zip(df[c], df[f"{c}_ci_low"], df[f"{c}_ci_high"])]
+            df = df.drop(columns=[f"{c}_ci_{e}" for c in ci for e in ("low", "high")])
         body = df.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="n/a", border=0)
         self.parts.append(f"<div class='tbl'>{body}</div>")
 
     def rows(self, head: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table of preformatted cells (e.g. `0.866 [0.84, 0.89]`), in its own box of the page's width."""
         th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-        trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(_keep_intervals_whole(str(c)))}</td>" for c in r) + "</tr>"
+                      for r in rows)
         self.parts.append(f"<div class='tbl'><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>")
 
     def figure(self, png: Path, caption: str = "") -> None:

@@ -17,11 +17,14 @@ def test_report_embeds_figures_and_tables_and_escapes_text(tmp_path):
     rep = HtmlReport("a <title>")
     rep.heading("Section & more")
     rep.table(pd.DataFrame({"method": ["x"], "dice": [0.81234]}))
+    rep.table(pd.DataFrame({"label": [1], "aurc": [0.1234], "aurc_ci_low": [0.101], "aurc_ci_high": [0.1561]}))
     rep.figure(tmp_path / "f.png", "caption")
     rep.figure(tmp_path / "missing.png", "gone")
     path = rep.write(tmp_path / "report.html")
     html = path.read_text()
     assert "data:image/png;base64," in html and "0.812" in html
+    assert "<td>0.123 [0.10,\u00a00.16]</td>" in html and "aurc_ci_low" not in html  # an interval in one cell,
+    # which may wrap before its bracket but not inside it
     assert "a &lt;title&gt;" in html and "Section &amp; more" in html
     assert "missing.png missing" in html
     # self-contained: no external sources or links (only the contents list's links to its own sections)

@@ -145,7 +145,7 @@ def test_report_has_contents_and_every_section_states_n_and_unit(tmp_path):
     for a in anchors:                                                        # n and unit right under every heading
         after = text[text.index(f"<h2 id='{a}'>"):]
         assert re.match(r"<h2 id='s\d+'>[^<]*</h2>\n<p class='meta'>n = \d+ [^<]*; [^<]+</p>", after)
-    assert re.search(r"<td>\d\.\d{3} \[\d\.\d+, \d\.\d+\]</td>", text)     # values as 0.866 [0.84, 0.89]
+    assert re.search("<td>\\d\\.\\d{3} \\[\\d\\.\\d+,\u00a0\\d\\.\\d+\\]</td>", text)  # 0.866 [0.84, 0.89]
     assert text.count("<div class='tbl'><table") == text.count("<table")    # every table in its own box
 
 
