@@ -9,6 +9,8 @@ Array-level functions (spacing in array axis order, distances in its unit):
     surface_dice / normalized_surface_dice(pred, gt, spacing, tol) -> surface-distance's surfel Surface Dice
     kits23_case_metrics(pred, gt, spacing) -> KiTS23 region Dice and Surface Dice
     aurc, e_aurc, augrc, aggregate_uncertainty -> failure detection (ValUES, fd-shifts)
+    weighted_failure_metrics, risk_at_coverage -> the same over bootstrap resamples, fd-shifts' risk@80cov
+    Bootstrap, group_cases, mean_estimate, paired, holm -> patient-level intervals and paired tests
     ncc, roi_auroc, rater_disagreement -> uncertainty against rater variability
 Folder level: evaluate_folder (`nnunet-kaz evaluate`) and compare_runs (`nnunet-kaz compare`).
 Definitions, units and empty-mask conventions are in each module's docstring.
@@ -39,6 +41,13 @@ _EXPORTS = {
     "augrc": "failure_detection",
     "aggregate_uncertainty": "failure_detection",
     "failure_detection_table": "failure_detection",
+    "weighted_failure_metrics": "failure_detection",
+    "risk_at_coverage": "failure_detection",
+    "Bootstrap": "intervals",
+    "group_cases": "intervals",
+    "mean_estimate": "intervals",
+    "paired": "intervals",
+    "holm": "intervals",
     "risk_coverage_figure": "failure_detection",
     "ncc": "rater_agreement",
     "roi_auroc": "rater_agreement",

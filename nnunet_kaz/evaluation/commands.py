@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "For KiTS23 datasets kits23.csv (region Dice and Surface Dice); failure_detection.csv (AURC, "
                     "E-AURC, AUGRC of every score and uncertainty aggregation); --nsd-tolerance adds nsd to "
                     "metrics.csv; --raters adds rater_agreement.csv (NCC, ROI AUROC). Every mean (summary.csv), "
-                    "calibration row and failure-detection row gets a 95 %% interval over patients (KAZ slices "
+                    "calibration row and failure-detection row gets a 95 % interval over patients (KAZ slices "
                     "grouped by patient as the splits group them: kaz_meta.json or --patient-pattern; 3D cases each "
                     "their own patient), written with the grouping into evaluation.json.")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted segmentations")
@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "folder of uncalibrated probabilities evaluated under several calibrators without predicting "
                     "again); optional top-level labels, n_bins, roi_margin, images, figure_cases, "
                     "pred_subset, raters (rater-disagreement maps: each run's NCC and ROI AUROC against them), "
-                    "reference, bootstrap, bootstrap_seed, patient_pattern. Every figure gets a 95 %% interval "
+                    "reference, bootstrap, bootstrap_seed, patient_pattern. Every figure gets a 95 % interval "
                     "over patients and, against the reference run, its difference with an interval and a "
                     "Holm-adjusted Wilcoxon p over patients. See nnunet_kaz/evaluation/compare.py.")
     c.add_argument("runs", type=Path, metavar="RUNS.yaml")
