@@ -83,8 +83,8 @@ def test_mc_dropout_samples_disagree_and_identical_members_do_not(tiny_kaz, mode
     assert unc["variance"].max() > 1e-6 and unc["mutual_information"].max() > 1e-4
     assert (scores.n_samples == 6).all()
     assert list(pd.read_csv(tmp_path / "mc" / "scores.csv").columns) == [
-        "case", "label", "mean_entropy", "relunet_score", "relunet_score_cross", "cv", "pairwise_dice",
-        "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
+        "case", "label", "mean_entropy", "relunet_score", "relunet_score_eq9", "relunet_score_cross", "cv",
+        "pairwise_dice", "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
     # reproducible: the same seed gives the same MC outputs (what lets an interrupted run resume exactly)
     again = UncertaintyPredictor([parse_member(f"{models[DROPOUT]}:0")], mc=6, mc_batch=4, device="cpu",
                                  verbose=False)
