@@ -2,9 +2,11 @@
 `export nnUNet_extTrainer=$(nnunet-kaz trainer-dir)` is set (see `nnunet_kaz.paths.trainer_dir`).
 
 Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nnUNetTrainerSGDR,
-nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004), nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
-000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads (paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX
-(`mhex_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
+nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004; both after the
+nonlinearity), nnUNetTrainerDropoutSpatialWCE (paper 004's recipe), nnUNetTrainerWCE / XBoundNetTrainerWCE
+(weighted cross-entropy), PaperDAMixin (paper 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads
+(paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX (`mhex_trainer`). Named variants (short schedules, dropout
+rates, seeds) live in `variants`.
 
 Exports are lazy (nnunet_kaz.lazy), so `nnunet-kaz trainer-dir` does not import nnU-Net; `__all__` (and so
 `from nnunet_kaz.trainers import *`, which the trainer folder's module does) includes every named variant.
@@ -20,6 +22,7 @@ _EXPORTS = {
     "XBoundNetTrainerSGDR": "sgdr_trainer", "nnUNetTrainerSGDR": "sgdr_trainer", "SGDRSnapshotMixin": "sgdr_trainer",
     "XBoundNetTrainerSGDR_nnUNetLR": "sgdr_trainer", "nnUNetTrainerSGDR_nnUNetLR": "sgdr_trainer",
     "nnUNetTrainerDropout": "dropout_trainer", "nnUNetTrainerDropoutSpatial": "dropout_trainer",
+    "nnUNetTrainerDropoutSpatialWCE": "dropout_trainer",
     "SeededTrainerMixin": "seeding",
     "nnUNetTrainerWCE": "weighted_ce", "XBoundNetTrainerWCE": "weighted_ce", "WeightedCEMixin": "weighted_ce",
     "PaperDAMixin": "augmentation", "PaperDARecipe": "augmentation",

@@ -10,7 +10,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kaz.trainers.augmentation import PaperDAMixin
-from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout, nnUNetTrainerDropoutSpatial
+from nnunet_kaz.trainers.dropout_trainer import (
+    nnUNetTrainerDropout,
+    nnUNetTrainerDropoutSpatial,
+    nnUNetTrainerDropoutSpatialWCE,
+)
 from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
@@ -90,17 +94,24 @@ _loss_da = [
 _test_variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
               "XBoundNetTrainer_paperDA for tests.", DEBUG)
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
-                    f"nnU-Net's network with element-wise dropout p = {p} after every convolution (Gal & "
-                    "Ghahramani).", dropout_p=p)
+                    f"nnU-Net's network with element-wise dropout p = {p} after the nonlinearity of every "
+                    "convolution (Gal & Ghahramani).", dropout_p=p)
             for tag, p in DROPOUT_RATES.items()]
 _dropout += [variant(nnUNetTrainerDropoutSpatial, f"nnUNetTrainerDropoutSpatial_{tag}",
-                     f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after every "
-                     "convolution (paper 004).", dropout_p=p)
+                     f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after the "
+                     "nonlinearity of every convolution (paper 004).", dropout_p=p)
+             for tag, p in DROPOUT_RATES.items()]
+# paper 004's recipe: spatial dropout and weighted cross-entropy (issue 22)
+_dropout += [variant(nnUNetTrainerDropoutSpatialWCE, f"nnUNetTrainerDropoutSpatialWCE_{tag}",
+                     f"Paper 004's recipe: spatial dropout p = {p} after the nonlinearity of every convolution "
+                     "and inverse-frequency weighted cross-entropy.", dropout_p=p)
              for tag, p in DROPOUT_RATES.items()]
 _test_variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
               "nnUNetTrainerDropout_p02 for tests.", DEBUG)
 _test_variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpatial_p02_debug",
               "nnUNetTrainerDropoutSpatial_p02 for tests.", DEBUG)
+_test_variant(_registry["nnUNetTrainerDropoutSpatialWCE_p02"], "nnUNetTrainerDropoutSpatialWCE_p02_debug",
+              "nnUNetTrainerDropoutSpatialWCE_p02 for tests.", DEBUG)
 
 # MHEX+ heads (issue 7, paper 003)
 _mhex = [
