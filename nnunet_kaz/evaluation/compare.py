@@ -14,7 +14,8 @@ RUNS.yaml (relative paths are relative to the YAML file):
       - label: single model    # the method's name in the table
         pred: preds/single     # segmentations {case}{ending}, ours or stock nnU-Net (--save_probabilities)
         probs: preds/single    # optional: {case}.npz probabilities (default: `pred` when it holds them)
-        uncertainty: preds/single  # optional: {case}_uncertainty.npz maps (default: entropy of the mean prob)
+        uncertainty: preds/single  # optional: {case}_uncertainty.npz maps (default: those next to `pred`)
+        probs_entropy: false   # optional: the entropy of the probabilities instead (evaluate --probs-entropy)
         scores: preds/single/scores.csv  # optional (default: `pred`/scores.csv when present)
 
 Every run is checked before any is computed. OUT receives comparison.csv and comparison.md (one row per
@@ -54,7 +55,8 @@ from nnunet_kaz.io_utils import atomic_dir
 
 MARKER = "comparison.json"
 FAILURE_SOURCES = ("unc_mean", "mean_entropy")  # the first one a run has feeds the AURC columns
-RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "scores"}
+RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "probs_entropy",
+            "scores"}
 TOP_KEYS = {"gt", "images", "labels", "n_bins", "roi_margin", "figure_cases", "pred_subset", "entropy_scaling",
             "raters", "runs"}
 RATER_COLUMNS = {"mean_ncc": "ncc_raters", "mean_roi_auroc": "roi_auroc_raters",
@@ -118,7 +120,7 @@ def load_runs(yaml_file: Path) -> tuple[list[RunSpec], dict]:
             scores = _path(base, r["scores"], f"{where}.scores") if r.get("scores") else (
                 pred / "scores.csv" if (pred / "scores.csv").is_file() else None)
             kw = dict(settings_kw)
-            for k in ("uncertainty_pattern", "uncertainty_key"):
+            for k in ("uncertainty_pattern", "uncertainty_key", "probs_entropy"):
                 if k in r:
                     kw[k] = r[k]
             try:
