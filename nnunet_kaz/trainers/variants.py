@@ -16,6 +16,7 @@ from nnunet_kaz.trainers.dropout_trainer import (
     nnUNetTrainerDropoutSpatialWCE,
 )
 from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
+from nnunet_kaz.trainers.relunet_trainer import RelUNetTrainer, RelUNetTrainer_fullTrain
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
 from nnunet_kaz.trainers.weighted_ce import XBoundNetTrainerWCE, nnUNetTrainerWCE
@@ -127,9 +128,20 @@ _mhex = [
             "12 iterations, features capped at 32.", DEMO, max_features=32),
 ]
 
+# Rel-UNet (issue 22, paper 002): its recipe, the full-train ensemble, seeds, short seeded test variants (the
+# debug one on SGDR_DEBUG's two cycles; the full-train one 10 epochs, so 60..100 % are 5 distinct epochs)
+_relunet = [
+    _test_variant(RelUNetTrainer, "RelUNetTrainer_debug", "RelUNetTrainer for tests: cycles end at 3, 6.",
+                  SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    _test_variant(RelUNetTrainer_fullTrain, "RelUNetTrainer_fullTrain_debug", "RelUNetTrainer_fullTrain for tests: "
+                  "10 epochs (cycles end at 5, 10), snapshots after 6, 7, 8, 9, 10.",
+                  dict(num_epochs=10, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1),
+                  sgdr_cycle_ends=(5, 10)),
+]
+
 for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
               _registry["XBoundNetTrainer_debug"], _registry["XBoundNetTrainer_demo"],
-              _registry["XBoundNetTrainerSGDR_demo"]):
+              _registry["XBoundNetTrainerSGDR_demo"], RelUNetTrainer, RelUNetTrainer_fullTrain):
     _with_seeds(_base)
 
 globals().update(_registry)
