@@ -24,7 +24,7 @@ roi and all, the uncertainty AUROC for voxel errors of both scopes, and each sco
 Dice, and the failure-detection AURC / E-AURC of the first of `FAILURE_SOURCES` a run has: the mean voxel uncertainty, or else
 `mean_entropy` of scores.csv, averaged over labels), with `raters` each run's uncertainty against the raters'
 disagreement (evaluate --raters: mean NCC, mean per-case ROI AUROC and the pooled ROI AUROC; every run then
-needs probabilities or uncertainty maps), reliability_overlay_{scope}.png (every method's
+needs uncertainty maps, or probabilities with probs_entropy), reliability_overlay_{scope}.png (every method's
 reliability curve on one diagram), risk_coverage_overlay.png (every method's risk-coverage curve of that
 source for the first label) and runs/NAME/ with
 each run's full `evaluate` outputs. The calibration figures are those of the positive class for binary
