@@ -109,7 +109,7 @@ def measure(root: Path, env: dict[str, str], results: Path, images: Path) -> dic
             pairwise_log.unlink(missing_ok=True)
             out[f"{name}_{size}"] = child_peak([sys.executable, "-c", OURS, "-i", str(folder), "-o", str(root / name),
                                                 "-m", spec, "--mc", str(mc), "--device", "cpu", "--step-size",
-                                                str(STEP)], dict(env, PAIRWISE_LOG=str(pairwise_log)))
+                                                str(STEP), "--disable-tta"], dict(env, PAIRWISE_LOG=str(pairwise_log)))
             held, raw = pairwise_log.read_text().splitlines()[-1].split()
             out[f"{name}_pairwise"], out[f"{name}_pairwise_raw"] = int(held), int(raw)
     with np.load(root / "stock" / "VOL.npz") as f, np.load(root / "ours_1" / "VOL.npz") as g:

@@ -244,7 +244,7 @@ def memory_runs(env: dict[str, str], results: Path, images: Path, root: Path) ->
         folds = ",".join(map(str, range(n_members)))
         cmd = [cli, "predict", "-i", str(folder), "-o", str(root / "mem_out"), "-m", f"{results}:{folds}",
                "--mc", str(mc), "--mc-batch", str(mc_batch), "--step-size", str(step), "--overwrite",
-               "-device", "cpu"]
+               "-device", "cpu", "--disable-tta"]
         mib, seconds = child_peak(cmd, env)
         rows.append((label, n_members, mc, mc_batch if mc else "-", mib, seconds))
     return rows

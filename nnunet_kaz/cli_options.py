@@ -17,6 +17,7 @@ are added here, so they are spelled, defaulted and documented once.
 | seed | `--seed` | |
 | no progress bars | `-q` / `--quiet` | |
 | redo finished outputs | `--overwrite` | |
+| no test-time mirroring (predict; nnU-Net's `--disable_tta`) | `--disable-tta` | `--mirror` (mirroring is the default) |
 
 Library errors name what is wrong with the parameter's name in parentheses, e.g. `(pred_subset)`; `cli.main`
 turns that into the flag of the command that failed (`flag_for_option`).
@@ -42,6 +43,25 @@ class _OldSpelling(argparse.Action):
             print(f"{parser.prog}: warning: {option_string} is the old spelling of {self.option_strings[0]}; it is "
                   "accepted in this release only", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+class _RetiredSwitch(argparse.Action):
+    """A switch whose behaviour became the default: accepted (it changes nothing) with a warning on stderr."""
+
+    def __init__(self, option_strings, dest, note: str = "", **kwargs):
+        self.note = note
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is no longer needed ({self.note}); it is accepted in this "
+              "release only", file=sys.stderr)
+
+
+def add_retired_switch(p: argparse.ArgumentParser, flag: str, note: str) -> argparse.Action:
+    """`flag` still parses (one release, with a warning naming `note`) but does nothing: its behaviour is the
+    default now."""
+    return p.add_argument(flag, action=_RetiredSwitch, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                          note=note, help=argparse.SUPPRESS)
 
 
 def add(p: argparse.ArgumentParser, flag: str, *old: str, **kwargs) -> argparse.Action:

@@ -61,6 +61,7 @@ K23_DATASET = f"Dataset{K23_ID:03d}_{K23_NAME}"
 K23_CONFIG = "3d_fullres"
 K23_PLANS = "nnUNetXBoundNetPlans"
 K23_TRAINER = "XBoundNetTrainer_demo_seed0"
+NO_TTA = "--disable-tta"  # paper 000's inference (Keras) does not mirror; nnU-Net's and Rel-UNet's does
 
 
 def seeded(seed: int) -> str:
@@ -202,20 +203,22 @@ class Demo:
 
     @property
     def fold0_ensemble(self) -> list[str]:
-        return ["-m", *(f"{self.results(seeded(s))}:0" for s in SEEDS), "--mc", str(self.mc // 2)]
+        return ["-m", *(f"{self.results(seeded(s))}:0" for s in SEEDS), "--mc", str(self.mc // 2), NO_TTA]
 
     def methods(self) -> dict[str, list[str]]:
         """Method name -> `nnunet-kaz predict` arguments (members and options); the last two differ only by
-        calibration and post-processing."""
+        calibration and post-processing. Paper 000's methods predict without test-time mirroring (its Keras
+        inference, `--disable-tta`); the SGDR snapshots mirror as Rel-UNet (paper 002) predicts with nnU-Net."""
         s0, s1, sgdr = self.results(seeded(0)), self.results(seeded(1)), self.results(SGDR)
         return {
-            "single model": ["-m", f"{s0}:0"],
-            "fold ensemble (2 folds)": ["-m", f"{s0}:0,1"],
-            f"MC dropout ({self.mc} samples)": ["-m", f"{s0}:0", "--mc", str(self.mc)],
-            "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0"],
+            "single model": ["-m", f"{s0}:0", NO_TTA],
+            "fold ensemble (2 folds)": ["-m", f"{s0}:0,1", NO_TTA],
+            f"MC dropout ({self.mc} samples)": ["-m", f"{s0}:0", "--mc", str(self.mc), NO_TTA],
+            "seed ensemble (2 seeds)": ["-m", f"{s0}:0", f"{s1}:0", NO_TTA],
             "SGDR snapshots": ["-m", f"{sgdr}:0:snapshots"],
             "test-time augmentation (4 flips)": ["-m", f"{s0}:0", "--tta"],
-            f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", f"{s0}:0,1", f"{s1}:0,1", "--mc", str(self.mc // 2)],
+            f"2 seeds x 2 folds x MC {self.mc // 2}": ["-m", f"{s0}:0,1", f"{s1}:0,1", "--mc", str(self.mc // 2),
+                                                       NO_TTA],
             self.conformal_method: [*self.fold0_ensemble, "--conformal", str(self.conformal_json)],
             "+ calibration + post-processing": [*self.fold0_ensemble, "--calibration",
                                                 str(self.out / "calibration.json"), "--postprocessing",
@@ -354,7 +357,7 @@ class Demo:
             splits = json.loads(splits_file.read_text())
             self.link_cases(splits[0]["val"], self.k23_dataset / "imagesTr", val_images, ".nii.gz")
             self.run(["nnunet-kaz", "predict", "-i", str(val_images), "-o", str(preds), "-m",
-                      f"{self.k23_results}:0", "--mc", str(self.k23_mc), "-device", "cpu"])
+                      f"{self.k23_results}:0", "--mc", str(self.k23_mc), NO_TTA, "-device", "cpu"])
         out = self.k23_evaluation
         if self.step("10. Evaluate: KiTS23 region Dice / Surface Dice, failure detection, rater agreement",
                      out / "kits23_summary.csv"):

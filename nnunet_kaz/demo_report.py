@@ -260,8 +260,9 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
     rep.heading("Uncertainty against error (paper 000 Fig. 4)",
                 f"n = {n_test} test slices ({ensemble}); pixel counts, fractions unitless")
     for fig in sorted((last / "figures").glob("*.png"))[:1] if last else []:
-        rep.figure(fig, f"{last.name}: image, annotation, prediction, probability, entropy, and the pixels left "
-                        "after removing those above the uncertainty thresholds T = 100, 75, 50, 25")
+        rep.figure(fig, f"{last.name}: image, annotation, prediction, probability, entropy (of the uncalibrated "
+                        "samples, scaled to 100 x U / max U per slice as the authors), and the pixels left after "
+                        "removing those above the uncertainty thresholds T = 100, 75, 50, 25")
     if last and (last / "uncertainty_thresholds_summary.csv").is_file():
         rep.table(pd.read_csv(last / "uncertainty_thresholds_summary.csv"))
     example = entropy_example(list(folders.values())[-3], demo.dataset / "imagesTs", demo.out / "entropy_example.png")

@@ -64,7 +64,7 @@ def test_evaluate_kits23_end_to_end(kits, capsys):
     ds = raw / "Dataset921_KiTS23"
     out = root / "eval"
     assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(ds / "labelsTr"), "--probs", str(pred_dir),
-                     "--raters", str(ds / "raterDisagreementTr"), "--nsd-tolerance", "2", "2:1.0",
+                     "--probs-entropy", "--raters", str(ds / "raterDisagreementTr"), "--nsd-tolerance", "2", "2:1.0",
                      "--figure-cases", "0", "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
     assert "KiTS23 aggregate: mean dice" in printed and "rater agreement: NCC" in printed
@@ -174,7 +174,8 @@ def test_bad_inputs_name_the_files_and_write_nothing(kits, tmp_path, capsys):
         (raters / f.name).write_bytes(f.read_bytes())
     small = sitk.GetImageFromArray(np.zeros((12, 40, 39), np.float32))
     sitk.WriteImage(small, str(raters / files[2].name))
-    base = ["evaluate", "--pred", str(pred_dir), "--gt", str(ds / "labelsTr"), "--probs", str(pred_dir)]
+    base = ["evaluate", "--pred", str(pred_dir), "--gt", str(ds / "labelsTr"), "--probs", str(pred_dir),
+            "--probs-entropy"]
     out = tmp_path / "out"
     capsys.readouterr()
     assert cli_main([*base, "--raters", str(raters), "-o", str(out)]) == 2
@@ -215,7 +216,8 @@ def test_compare_shows_aurc_and_overlays_the_curves(kits, tmp_path):
     root, raw, pred_dir = kits
     gt = raw / "Dataset921_KiTS23" / "labelsTr"
     out, t = _compare(tmp_path, f"gt: {gt}\nfigure_cases: 0\nruns:\n  - label: shifted\n    pred: {pred_dir}\n"
-                                f"  - label: perfect\n    pred: {gt}\n    probs: {pred_dir}\n")
+                                f"    probs_entropy: true\n"
+                                f"  - label: perfect\n    pred: {gt}\n    probs: {pred_dir}\n    probs_entropy: true\n")
     for i, slug in enumerate(("shifted", "perfect")):
         fd = pd.read_csv(out / "runs" / slug / "failure_detection.csv")
         fd = fd[fd.source == "unc_mean"]
@@ -231,7 +233,7 @@ def test_compare_with_raters_puts_rater_agreement_in_the_table(kits, tmp_path, c
     root, raw, pred_dir = kits
     ds = raw / "Dataset921_KiTS23"
     out, t = _compare(tmp_path, f"gt: {ds / 'labelsTr'}\nfigure_cases: 0\nraters: {ds / 'raterDisagreementTr'}\n"
-                                f"runs:\n  - label: shifted\n    pred: {pred_dir}\n")
+                                f"runs:\n  - label: shifted\n    pred: {pred_dir}\n    probs_entropy: true\n")
     runs = tmp_path / "runs.yaml"
     cases = sorted(f.name[:-7] for f in (ds / "labelsTr").iterdir())
     by_hand = []

@@ -179,11 +179,18 @@ def test_threshold_counts_by_hand():
     assert rows[25]["filtered_tp"] == pytest.approx(1 / 3)
 
 
-def test_scaled_uncertainty():
-    u = np.array([0.2, 0.4, 0.6], np.float32)
-    np.testing.assert_allclose(scaled_uncertainty(u, "case"), [0, 50, 100], atol=1e-4)
-    np.testing.assert_allclose(scaled_uncertainty(u, "absolute"), [20, 40, 60], atol=1e-4)
-    assert not scaled_uncertainty(np.full(4, 0.3), "case").any()
+def test_scaled_uncertainty_is_u_over_its_maximum_per_slice():
+    """The authors' U / max(U) x 100 per 2D slice (not min-max: the minimum stays where it is)."""
+    u = np.array([[0.2, 0.4], [0.6, 0.3]], np.float32)  # one 2D image: one slice
+    for scaling in ("slice", "case"):
+        np.testing.assert_allclose(scaled_uncertainty(u, scaling), [[100 / 3, 200 / 3], [100, 50]], rtol=1e-6)
+    np.testing.assert_allclose(scaled_uncertainty(u, "absolute"), [[20, 40], [60, 30]], rtol=1e-6)
+    vol = np.stack([u, np.zeros_like(u), u / 4])  # 3D (z, y, x): each axial slice by its own maximum
+    np.testing.assert_allclose(scaled_uncertainty(vol), np.stack([scaled_uncertainty(u), np.zeros_like(u),
+                                                                  scaled_uncertainty(u)]), rtol=1e-6)
+    np.testing.assert_allclose(scaled_uncertainty(vol, "case"), 100 * vol / 0.6, rtol=1e-6)  # one maximum
+    assert not scaled_uncertainty(np.zeros((3, 4)), "slice").any()  # nothing uncertain: all 0, no division
+    np.testing.assert_allclose(scaled_uncertainty(np.full(4, 0.3, np.float32), "case"), 100)
     with pytest.raises(ValueError):
         scaled_uncertainty(u, "other")
 

@@ -69,7 +69,7 @@ def test_evaluate_nifti_folder(dataset, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["evaluate", "--pred", str(dataset / "pred"), "--gt", str(dataset / "gt"), "--probs",
                str(dataset / "pred"), "--images", str(dataset / "img"), "--scores", str(dataset / "pred/scores.csv"),
-               "--figure-cases", "1", "-q", "-o", str(out)])
+               "--figure-cases", "1", "--probs-entropy", "-q", "-o", str(out)])
     assert rc == 0
     m = pd.read_csv(out / "metrics.csv", dtype={"case": str})
     assert list(m.columns) == ["case", "label", "dice", "jaccard", "precision", "recall", "specificity", "rvd",
@@ -103,7 +103,7 @@ def test_evaluate_nifti_folder(dataset, tmp_path, capsys):
     assert (th[th["T"] == 100]["uncertain"] == 0).all()
     assert np.all(np.diff(th[th["label"] == 1]["uncertain"]) >= 0)     # lower T marks more voxels uncertain
     auroc = pd.read_csv(out / "uncertainty_auroc.csv").set_index("scope")
-    assert 0.5 < auroc.loc["all", "auroc"] <= 1
+    assert 0.5 < auroc.loc["all", "auroc"] <= 1 and auroc.loc["all", "uncertainty"].startswith("probs_entropy")
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["uncertainty_case_000_label1.png",
                                                                   "uncertainty_case_000_label2.png"]
     corr = pd.read_csv(out / "score_correlations.csv")
@@ -118,6 +118,10 @@ def test_evaluate_nifti_folder(dataset, tmp_path, capsys):
                  "--scores", str(dataset / "pred/scores.csv"), "-o", str(out)]) == 0
     assert not (out / "calibration.csv").exists() and set(pd.read_csv(out / "metrics.csv")["label"]) == {1}
     assert set(pd.read_csv(out / "score_correlations.csv")["label"]) == {1}   # label 2's scores left out
+    # probabilities alone give no uncertainty analysis: the entropy of given probabilities only when asked
+    assert main(["evaluate", "--pred", str(dataset / "pred"), "--gt", str(dataset / "gt"), "--probs",
+                 str(dataset / "pred"), "--figure-cases", "0", "-q", "-o", str(out)]) == 0
+    assert (out / "calibration.csv").exists() and not (out / "uncertainty_thresholds.csv").exists()
 
 
 def test_evaluate_png_folder(tmp_path):
@@ -146,6 +150,20 @@ def test_evaluate_png_folder(tmp_path):
                      str(tmp_path / "pred"), "--uncertainty-key", key, "-q", "-o", str(tmp_path / "out")]) == 0
         auroc = pd.read_csv(tmp_path / "out" / "uncertainty_auroc.csv").set_index("scope")
         assert auroc.loc["all", "auroc"] == want and key in auroc.loc["all", "uncertainty"]
+    # next to the predictions the maps are read without --uncertainty; --probs-entropy asks for the other map
+    for flags, want in (([], 0.0), (["--probs", str(tmp_path / "pred"), "--probs-entropy"], None)):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), *flags, "-q", "-o",
+                     str(tmp_path / "out")]) == 0
+        auroc = pd.read_csv(tmp_path / "out" / "uncertainty_auroc.csv").set_index("scope")
+        info = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+        if want is not None:
+            assert auroc.loc["all", "auroc"] == want and info["inputs"]["uncertainty"].endswith("(next to the "
+                                                                                                 "predictions)")
+        else:
+            assert auroc.loc["all", "uncertainty"].startswith("probs_entropy") and info["inputs"]["uncertainty"] == ""
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--uncertainty",
+                 str(tmp_path / "pred"), "--probs-entropy", "--probs", str(tmp_path / "pred"), "-q", "-o",
+                 str(tmp_path / "out2")]) == 2  # one source or the other
 
 
 def run_error(argv, capsys) -> str:
@@ -207,7 +225,7 @@ def test_compare_two_methods(dataset, tmp_path, capsys):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         write_nifti(ndimage.binary_erosion(a > 0) * a, second / f.name)
     out, t = run_compare(tmp_path, f"gt: {dataset / 'gt'}\nlabels: [1, 2]\nfigure_cases: 0\nruns:\n"
-                                   f"  - label: ensemble\n    pred: {dataset / 'pred'}\n"
+                                   f"  - label: ensemble\n    pred: {dataset / 'pred'}\n    probs_entropy: true\n"
                                    f"  - label: eroded\n    pred: second\n    probs: {dataset / 'pred'}\n")
     assert list(t["method"]) == ["ensemble", "eroded"]
     assert t.loc[0, "dice_mean"] > t.loc[1, "dice_mean"]

@@ -52,11 +52,67 @@ def test_reproduces_algorithm_3_updates():
     np.testing.assert_allclose(r.transform(X), np.clip((r.w @ hid + r.b)[0], 0, 1))
 
 
-def test_fitting_lowers_the_loss_and_separates_classes():
+def algorithm3_numpy(p_map: np.ndarray, h: np.ndarray, y_roi: np.ndarray, seed: int) -> dict:
+    """Paper 001 Algorithm 3 transcribed line by line with numpy matrices: Rand = U[0, 1) (numpy's default_rng
+    from `seed`, drawn in the order of lines 2-3), learning rate 0.01, 1000 iterations, the RoI's pixels as the
+    columns of [Pixel_p^map, h]."""
+    rng = np.random.default_rng(seed)
+    n_input, n_hidden, n_output = 2, 5, 1                                   # line 1
+    W_hat, B_hat = rng.random((n_hidden, n_input)), rng.random((n_hidden, 1))   # line 2
+    w_hat, b_hat = rng.random((n_output, n_hidden)), rng.random((n_output, 1))  # line 3
+    learning_rate, iterations = 0.01, 1000                                  # line 4
+    inp = np.stack([p_map.ravel(), h.ravel()])                             # [Pixel_p^map, h]: (2, N)
+    Y = y_roi.ravel()[None].astype(np.float64)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731 (eq. 3)
+    losses = []
+    for _ in range(iterations):                                            # line 5
+        Z = W_hat @ inp + B_hat                                            # line 6
+        X = sigmoid(Z)                                                     # line 7
+        y_out = w_hat @ X + b_hat                                          # line 8
+        losses.append(np.sum((Y - y_out) ** 2) / 2)                        # line 9
+        delta_y = y_out - Y                                                # line 10
+        delta_hidden = (w_hat.T @ delta_y) * (sigmoid(Z) * (1 - sigmoid(Z)))   # line 11 (eq. 4)
+        W_hat = W_hat - learning_rate * delta_hidden @ inp.T               # line 12
+        w_hat = w_hat - learning_rate * delta_y @ X.T                      # line 13
+        B_hat = B_hat - learning_rate * delta_hidden.sum(1, keepdims=True)  # line 14 (summed over the pixels)
+        b_hat = b_hat - learning_rate * delta_y.sum(1, keepdims=True)      # line 15
+    return {"W": W_hat, "B": B_hat, "w": w_hat, "b": b_hat, "losses": losses}
+
+
+def test_the_default_fit_is_algorithm_3():
+    """The defaults (5 sigmoid units, lr 0.01 on summed gradients, U[0, 1) init, 1000 iterations) against the
+    transcription, on a small RoI of a synthetic slice (a 4 x 6 box around a predicted blob: 24 pixels). Both run
+    the same float64 operations except the sigmoid (tanh form against 1 / (1 + exp)), ~1e-16 apart per call; the
+    descent contracts here (0.01 x 24 pixels), so the parameters agree far within 1e-9."""
+    rng = np.random.default_rng(4)
+    prob = rng.random((12, 14))
+    pred = np.zeros((12, 14), bool)
+    pred[5:7, 4:8] = True
+    roi = roi_from_mask(pred, margin=1)
+    assert roi == (slice(4, 8), slice(3, 9))
+    heat = heatmap_feature(rng.random((12, 14)), pred)
+    label = (prob > 0.4) & pred
+    X, y = pool_roi_features([(prob, heat, label, roi)])
+    assert len(y) == 24
+    r = HeatmapRefiner(seed=11)
+    assert (r.n_hidden, r.learning_rate, r.iterations, r.reduction) == (5, 0.01, 1000, "sum")
+    r.fit(X, y)
+    ref = algorithm3_numpy(prob[roi], heat[roi], label[roi], seed=11)
+    for k in "WBwb":
+        np.testing.assert_allclose(getattr(r, k), ref[k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(r.loss_history, ref["losses"], rtol=1e-9)
+    assert ref["losses"][-1] < 0.5 * ref["losses"][0]  # the fit does learn on this RoI
+
+
+def test_summed_gradients_diverge_on_a_large_roi_with_a_clear_error_and_the_mean_variant_fits():
     rng = np.random.default_rng(0)
     p, h = rng.random(4000), rng.random(4000)
     y = ((p + h) > 1.0).astype(float)  # foreground needs probability and heatmap together
-    r = HeatmapRefiner().fit(np.stack([p, h], 1), y)  # defaults: 1000 iterations, mean, lr 0.5
+    with pytest.raises(KazError, match=r"summed over 4000 voxels.*diverged.*mean gradients") as err:
+        HeatmapRefiner().fit(np.stack([p, h], 1), y)  # Algorithm 3: a step of 0.01 x 4000 x the mean gradient
+    assert err.value.option == "reduction"
+    r = HeatmapRefiner(reduction="mean").fit(np.stack([p, h], 1), y)  # the named variant: lr 0.5, mean
+    assert r.learning_rate == 0.5
     assert r.loss_history[-1] < 0.5 * r.loss_history[0]
     q = r.transform(np.stack([p, h], 1))
     assert q[y == 1].mean() - q[y == 0].mean() > 0.5
@@ -99,7 +155,7 @@ def test_json_round_trip_and_bad_files(tmp_path):
     r.save(path)
     back = HeatmapRefiner.load(path)
     np.testing.assert_array_equal(back.transform(X), r.transform(X))
-    assert back.iterations == 10 and back.reduction == "mean"
+    assert back.iterations == 10 and back.reduction == "sum" and back.learning_rate == 0.01
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     with pytest.raises(KazError, match="bad.json"):
         HeatmapRefiner.load(tmp_path / "bad.json")

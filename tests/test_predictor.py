@@ -37,32 +37,47 @@ def models(tiny_kaz):
     return {name: tiny_kaz.train(name) for name in (DROPOUT, PLAIN)}
 
 
-@pytest.mark.parametrize("mirror", [False, True])
-def test_one_member_equals_stock_nnunet_predict(tiny_kaz, models, tmp_path, mirror):
+def test_one_member_equals_stock_nnunet_predict_mirrored_by_default_and_with_disable_tta(tiny_kaz, models, tmp_path):
+    """`predict` mirrors as `nnUNetv2_predict` does unless `--disable-tta` (nnU-Net's `--disable_tta`); both
+    routes equal stock nnU-Net's; `--mirror` (the old switch) still parses, warns and changes nothing; the
+    library's default is the command's; predict_args.json records which."""
     images = tiny_kaz.raw / "imagesTs"
-    stock = tmp_path / "stock"
-    run(["nnUNetv2_predict", "-i", str(images), "-o", str(stock), "-d", str(KAZ_ID), "-c", "2d", "-f", "0",
-         "-tr", DROPOUT, "-p", "nnUNetTinyPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--save_probabilities", *([] if mirror else ["--disable_tta"])], tiny_kaz.env)
-    ours = tmp_path / "ours"
-    run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(ours), "-m", f"{models[DROPOUT]}:0",
-         "-device", "cpu", *(["--mirror"] if mirror else [])], tiny_kaz.env)
-    npz = sorted(stock.glob("*.npz"))
-    assert len(npz) == 3
-    foreground = 0  # over the three cases: a 6-iteration model may predict none in one of them
-    for f in npz:
-        a = np.load(f)["probabilities"]
-        b = np.load(ours / f.name)["probabilities"]
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() < 1e-4
-        seg_stock = np.asarray(Image.open(stock / f.name.replace(".npz", ".png")))
-        seg_ours = np.asarray(Image.open(ours / f.name.replace(".npz", ".png")))
-        assert seg_ours.shape == seg_stock.shape
-        foreground += int(np.count_nonzero(seg_stock))
-        # identical wherever the decision is not a float16 tie (|p1 - p0| below the probabilities' tolerance)
-        differ = seg_ours != seg_stock
-        assert not differ[np.abs(a[1] - a[0])[0] > 2e-4].any() and differ.sum() <= 2
-    assert foreground > 0  # the segmentations compared are not all background
+    probs = {}
+    for name, stock_flags, our_flags in (("mirrored", [], []), ("plain", ["--disable_tta"], ["--disable-tta"])):
+        stock, ours = tmp_path / f"stock_{name}", tmp_path / f"ours_{name}"
+        run(["nnUNetv2_predict", "-i", str(images), "-o", str(stock), "-d", str(KAZ_ID), "-c", "2d", "-f", "0",
+             "-tr", DROPOUT, "-p", "nnUNetTinyPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "--save_probabilities", *stock_flags], tiny_kaz.env)
+        run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(ours), "-m", f"{models[DROPOUT]}:0",
+             "-device", "cpu", *our_flags], tiny_kaz.env)
+        assert json.loads((ours / "predict_args.json").read_text())["mirror"] is (name == "mirrored")
+        npz = sorted(stock.glob("*.npz"))
+        assert len(npz) == 3
+        foreground = 0  # over the three cases: a 6-iteration model may predict none in one of them
+        for f in npz:
+            a = np.load(f)["probabilities"]
+            b = np.load(ours / f.name)["probabilities"]
+            assert a.shape == b.shape
+            assert np.abs(a - b).max() < 1e-4
+            probs[name, f.name] = b
+            seg_stock = np.asarray(Image.open(stock / f.name.replace(".npz", ".png")))
+            seg_ours = np.asarray(Image.open(ours / f.name.replace(".npz", ".png")))
+            assert seg_ours.shape == seg_stock.shape
+            foreground += int(np.count_nonzero(seg_stock))
+            # identical wherever the decision is not a float16 tie (|p1 - p0| below the probabilities' tolerance)
+            differ = seg_ours != seg_stock
+            assert not differ[np.abs(a[1] - a[0])[0] > 2e-4].any() and differ.sum() <= 2
+        assert foreground > 0  # the segmentations compared are not all background
+    # mirroring changes the probabilities (so the two comparisons above test different things)
+    assert max(np.abs(probs["mirrored", f] - probs["plain", f]).max() for _, f in probs) > 1e-3
+    old = run(["nnunet-kaz", "predict", "-i", str(images), "-o", str(tmp_path / "old"), "-m", f"{models[DROPOUT]}:0",
+               "-device", "cpu", "--mirror"], tiny_kaz.env)
+    assert "warning: --mirror is no longer needed" in old.stderr
+    for _, f in probs:
+        assert np.array_equal(np.load(tmp_path / "old" / f)["probabilities"], probs["mirrored", f])
+    import inspect
+
+    assert inspect.signature(UncertaintyPredictor).parameters["mirror"].default is True
 
 
 def test_mc_dropout_samples_disagree_and_identical_members_do_not(tiny_kaz, models, tmp_path):
@@ -83,8 +98,8 @@ def test_mc_dropout_samples_disagree_and_identical_members_do_not(tiny_kaz, mode
     assert unc["variance"].max() > 1e-6 and unc["mutual_information"].max() > 1e-4
     assert (scores.n_samples == 6).all()
     assert list(pd.read_csv(tmp_path / "mc" / "scores.csv").columns) == [
-        "case", "label", "mean_entropy", "relunet_score", "relunet_score_cross", "cv", "pairwise_dice",
-        "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
+        "case", "label", "mean_entropy", "relunet_score", "relunet_score_eq9", "relunet_score_cross", "cv",
+        "pairwise_dice", "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
     # reproducible: the same seed gives the same MC outputs (what lets an interrupted run resume exactly)
     again = UncertaintyPredictor([parse_member(f"{models[DROPOUT]}:0")], mc=6, mc_batch=4, device="cpu",
                                  verbose=False)
@@ -213,6 +228,24 @@ def test_uncertainty_comes_from_the_uncalibrated_samples(tiny_kaz, models, tmp_p
         assert not np.allclose(cald["calibrated_entropy"], cald["entropy"])
         assert (tmp_path / "cal" / f.name.replace("_uncertainty.npz", "_calibrated_entropy.png")).is_file()
         assert "calibrated_entropy" not in raw.files
+    # issue 22: evaluate's threshold analysis reads CASE_uncertainty.npz next to the predictions, so its table is
+    # the same with and without --calibration (temperature scaling keeps the argmax: the segmentations are equal)
+    from nnunet_kaz.cli import main
+
+    tables = {}
+    for run_name in ("raw", "cal"):
+        for extra in ([], ["--probs-entropy"]):
+            out = tmp_path / f"eval_{run_name}{'_pe' if extra else ''}"
+            assert main(["evaluate", "--pred", str(tmp_path / run_name), "--gt", str(tiny_kaz.raw / "labelsTs"),
+                         "--probs", str(tmp_path / run_name), *extra, "--figure-cases", "0", "-q", "-o",
+                         str(out)]) == 0
+            tables[run_name, bool(extra)] = pd.read_csv(out / "uncertainty_thresholds.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "eval_raw" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "eval_cal" / "metrics.csv"))  # the same segmentations
+    assert (tables["raw", False]["uncertain"] > 0).any()
+    pd.testing.assert_frame_equal(tables["raw", False], tables["cal", False])
+    # the entropy of the (calibrated) probabilities, asked for by name, would have changed the table
+    assert not tables["raw", True].equals(tables["cal", True])
 
 
 def test_rerun_after_a_partial_run_predicts_only_the_missing_cases(tiny_kaz, models, tmp_path):

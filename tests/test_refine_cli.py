@@ -25,7 +25,7 @@ def fitted(tiny_kaz, tmp_path_factory):
     out = tmp_path_factory.mktemp("refine") / "refiner.json"
     run(["nnunet-kaz", "refine", "fit", "-m", f"{member}:0", "-i", str(tiny_kaz.raw / "imagesTr"), "--gt",
          str(tiny_kaz.raw / "labelsTr"), "-o", str(out), "--margin", "2", "--roi", "largest", "--iterations",
-         "300"], tiny_kaz.env)
+         "300", "--gradients", "mean"], tiny_kaz.env)  # Algorithm 3's summed gradients diverge on these ROIs
     return member, out
 
 
@@ -47,6 +47,25 @@ def test_fit_writes_refiner_with_feature_layout(fitted):
     assert d["fit"]["n_voxels"] == sum(c["roi_voxels"] for c in d["fit"]["cases"]) > 0
     assert d["fit"]["final_loss"] < d["fit"]["initial_loss"]
     assert d["member"]["trainer"] == MEMBER
+    assert d["hyperparameters"] == {"n_hidden": 5, "learning_rate": 0.5, "iterations": 300, "reduction": "mean",
+                                    "seed": 0, "max_voxels": 200000}
+
+
+def test_fit_by_algorithm_3_stops_with_a_clear_error_when_it_diverges(tiny_kaz, fitted, tmp_path, capsys):
+    """The default is Algorithm 3 verbatim (lr 0.01 on gradients summed over the ROI voxels): on the pooled ROIs
+    of the training slices (hundreds of voxels) its step diverges, and the command says so naming the flag of
+    the faster variant, writing nothing."""
+    member, refiner = fitted
+    n_voxels = json.loads(refiner.read_text())["fit"]["n_voxels"]
+    assert 0.01 * n_voxels > 2  # the summed step is beyond what gradient descent on this loss tolerates
+    out = tmp_path / "r.json"
+    assert main(["refine", "fit", "-m", f"{member}:0", "-i", str(tiny_kaz.raw / "imagesTr"), "--gt",
+                 str(tiny_kaz.raw / "labelsTr"), "-o", str(out), "--margin", "2", "--roi", "largest"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "(--gradients)" in err[0]
+    err = err[0]
+    assert err.startswith("nnunet-kaz refine") and "error: Algorithm 3's gradient descent" in err
+    assert f"summed over {n_voxels} voxels" in err and not out.exists()
 
 
 def test_apply_changes_only_roi_voxels_and_reports_the_effect(tiny_kaz, fitted, tmp_path, capsys):
@@ -56,7 +75,8 @@ def test_apply_changes_only_roi_voxels_and_reports_the_effect(tiny_kaz, fitted, 
     proc = run(["nnunet-kaz", "refine", "apply", "-m", f"{member}:0", "-i", str(images), "--refiner", str(refiner),
                 "-o", str(out), "--gt", str(gt)], tiny_kaz.env)
     assert "dice_before" in proc.stdout and "mean" in proc.stdout
-    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "plain"), "-m", f"{member}:0"]) == 0
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "plain"), "-m", f"{member}:0",
+                 "--disable-tta"]) == 0  # refine predicts without nnU-Net's mirroring
     capsys.readouterr()
     table = pd.read_csv(out / "refinement_effect.csv")
     assert list(table.columns) == ["case", "dice_before", "dice_after", "hd95_before", "hd95_after", "roi_voxels",

@@ -13,6 +13,7 @@ from nnunet_kaz.trainers import (
     XBoundNetTrainerSGDR_debug,
     nnUNetTrainerDropout_p02_debug,
     nnUNetTrainerDropoutSpatial_p02_debug,
+    nnUNetTrainerDropoutSpatialWCE_p02_debug,
 )
 from nnunet_kaz.trainers.sgdr import sgdr_lr
 from tests.conftest import KAZ, KAZ_ID, run
@@ -64,12 +65,15 @@ def test_same_seed_gives_identical_weights_and_different_seeds_differ(tiny_kaz):
 
 
 @pytest.mark.parametrize("trainer,kind", [(nnUNetTrainerDropout_p02_debug, torch.nn.Dropout),
-                                          (nnUNetTrainerDropoutSpatial_p02_debug, torch.nn.Dropout2d)])
+                                          (nnUNetTrainerDropoutSpatial_p02_debug, torch.nn.Dropout2d),
+                                          (nnUNetTrainerDropoutSpatialWCE_p02_debug, torch.nn.Dropout2d)])
 def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypatch, trainer, kind):
-    """Element-wise (Gal & Ghahramani) or spatial (paper 004) dropout after every convolution, p = 0.2, and the
-    predictor rebuilds exactly that network from the checkpoint."""
+    """Element-wise (Gal & Ghahramani) or spatial (paper 004) dropout after the nonlinearity of every
+    convolution, p = 0.2, and the predictor rebuilds exactly that network from the checkpoint."""
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_kaz.trainers.dropout_trainer import ActivationDropout
 
     folder = tiny_kaz.train(trainer.__name__)
     for key, value in tiny_kaz.env.items():
@@ -87,7 +91,13 @@ def test_dropout_network_is_rebuilt_identically_for_inference(tiny_kaz, monkeypa
     assert describe(predictor.network) == describe(trained)
     convs = [m for m in trained.modules() if isinstance(m, ConvDropoutNormReLU)]
     assert len(describe(trained)) == len(convs) >= 2 * 4  # one after every convolution of encoder and decoder
-    assert all(type(c.dropout) is kind and c.dropout.p == 0.2 for c in convs)
+    # each after the convolution's nonlinearity (conv -> norm -> nonlinearity -> dropout), none inside
+    assert all(not hasattr(c, "dropout") and isinstance(c.nonlin, ActivationDropout) for c in convs)
+    assert all(c.all_modules[-1] is c.nonlin and type(c.nonlin[1]) is kind and c.nonlin[1].p == 0.2 for c in convs)
+    if "WCE" in trainer.__name__:  # paper 004's recipe: spatial dropout trained with the weighted cross-entropy
+        weights = json.loads((folder / "fold_0" / "class_weights.json").read_text())["weights"]
+        assert len(weights) == 2 and weights[1] > weights[0]  # the zone is the rarer class
+        assert "RobustCrossEntropyLoss" in json.loads((folder / "fold_0" / "debug.json").read_text())["loss"]
 
 
 @pytest.mark.parametrize("attrs,match", [

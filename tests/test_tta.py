@@ -167,7 +167,7 @@ def test_predict_tta_cli_combines_with_mc_and_writes_its_samples(tiny_kaz, tmp_p
     monkeypatch.setattr(predictor_module, "StreamingStats", Recording)
     member = parse_member(f"{folder}:0")
     image = [str(sorted((tiny_kaz.raw / "imagesTs").glob("*_0000.png"))[0])]
-    mc = UncertaintyPredictor([member], mc=2, device="cpu", verbose=False, seed=3)
+    mc = UncertaintyPredictor([member], mc=2, device="cpu", verbose=False, seed=3, mirror=False)
     data, _ = mc.preprocess(image)
     plain = mc.sample_case(data, "c").mean
     captured.clear()

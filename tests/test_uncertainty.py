@@ -15,6 +15,7 @@ from nnunet_kaz.uncertainty import (
     normalized_entropy,
     pooled_pairwise_dice,
     relunet_score,
+    relunet_scores,
 )
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
 
@@ -81,13 +82,60 @@ def test_identical_samples_have_no_mutual_information_or_variance():
     assert coefficient_of_variation(r.volumes[:, 1]) == 0
 
 
-def test_relunet_score_is_total_entropy_over_contour_pixels():
+def _authors_relunet_score(p_class, valmap):
+    """Transcription of Rel-UNet's code (sinaziaee/sgdr, AUTHORS_CODE.md): `estimate_uncertainty.py` builds
+    `mask = (mean_p.T > 0.5).astype(np.uint8)` and `uncertainty_from_mask_and_valmap` returns
+    `100 * sum(valmap) / sum(abs(mask - cv2.dilate(mask, np.ones((3, 3)))))`, on uint8 arrays: mask - dilated
+    wraps to 255 on every ring pixel. A 3D volume goes to cv2 transposed, (x, y, z): cv2 dilates each z slice
+    (its last axis is cv2's channel axis, at most 512 of them)."""
+    import cv2
+
+    mask = (np.asarray(p_class).T > 0.5).astype(np.uint8)
+    # cv2 returns a one-channel image without its channel axis: put it back (a one-slice volume)
+    edge = np.abs(mask - cv2.dilate(mask, np.ones((3, 3), np.uint8)).reshape(mask.shape))
+    assert edge.dtype == np.uint8 and set(np.unique(edge)) <= {0, 255}  # the wrap: 0 - 1 = 255
+    return 100 * np.sum(np.asarray(valmap, dtype=np.float64).T) / np.sum(edge)
+
+
+def test_relunet_score_hand_case_in_every_convention():
     p = np.zeros((7, 7))
     p[2:5, 2:5] = 0.9  # a 3x3 mask: its face-connected outer ring has 12 pixels, its 3x3-square ring 16
+    p[0, 0] = 0.5      # exactly 0.5 is outside the mask (the authors' p > 0.5) but carries 1 bit of entropy
     h = binary_entropy(p)
-    assert relunet_score(p, h, convention="cross") == pytest.approx(h.sum() / 12)
-    assert relunet_score(p, h) == pytest.approx(100 * h.sum() / 16)  # authors' convention is the default
+    total = 9 * -(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1)) + 1.0
+    assert h.sum() == pytest.approx(total, rel=1e-12)
+    assert relunet_score(p, h) == pytest.approx(100 * total / (255 * 16), rel=1e-12)  # the default: authors'
+    assert relunet_score(p, h) == pytest.approx(_authors_relunet_score(p, h), rel=1e-12)
+    assert relunet_score(p, h, convention="eq9") == pytest.approx(total / 16, rel=1e-12)
+    assert relunet_score(p, h, convention="cross") == pytest.approx(total / 12, rel=1e-12)
+    assert relunet_scores(p, h) == pytest.approx({"relunet_score": 100 * total / (255 * 16),
+                                                  "relunet_score_eq9": total / 16,
+                                                  "relunet_score_cross": total / 12}, rel=1e-12)
     assert math.isnan(relunet_score(np.zeros((5, 5)), np.zeros((5, 5))))
+    assert all(math.isnan(v) for v in relunet_scores(np.full((5, 5), 0.5), np.ones((5, 5))).values())
+    with pytest.raises(ValueError, match="convention"):
+        relunet_score(p, h, convention="other")
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (5, 29, 41), (1, 16, 16), (12, 9, 31)])
+def test_relunet_score_equals_the_authors_code_on_random_soft_masks(shape):
+    """Smooth random probability fields (several blobs, masks touching the border, anisotropic volumes, a
+    single-slice volume): our default equals the transcription of their function. Both sum the same float64
+    entropies in another order (the transcription over the transposed array): relative error ~ n eps, far
+    below 1e-9."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(4):
+        field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=2.0)
+        p = 1 / (1 + np.exp(-field / field.std() * 3 + trial))
+        h = binary_entropy(p)
+        ours, theirs = relunet_score(p, h), _authors_relunet_score(p, h)
+        if not (p > 0.5).any():
+            assert math.isnan(ours)
+            continue
+        assert ours == pytest.approx(theirs, rel=1e-9)
+        assert relunet_score(p, h, convention="eq9") == pytest.approx(2.55 * theirs, rel=1e-9)
 
 
 def _brute_force_ring(mask, neighbours):
@@ -102,7 +150,8 @@ def _brute_force_ring(mask, neighbours):
     return ring
 
 
-def test_relunet_score_of_a_disc_of_radius_10_in_both_conventions():
+def test_relunet_score_of_a_disc_of_radius_10_in_every_convention():
+    """A soft disc (p = 0.8 inside): the authors' value is 100 / 255 of the plain eq. 9 ratio."""
     import cv2
 
     yy, xx = np.mgrid[:31, :33]
@@ -115,16 +164,17 @@ def test_relunet_score_of_a_disc_of_radius_10_in_both_conventions():
     square = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     cross = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     ring_square, ring_cross = _brute_force_ring(disc, square), _brute_force_ring(disc, cross)
-    # the authors' contour: cv2.dilate(mask, np.ones((3, 3))) - mask
     u8 = disc.astype(np.uint8)
     assert int((cv2.dilate(u8, np.ones((3, 3), np.uint8)) - u8).sum()) == ring_square
     assert ring_square > ring_cross
-    assert relunet_score(p, h) == pytest.approx(100 * total / ring_square)
+    assert relunet_score(p, h) == pytest.approx(100 * total / (255 * ring_square))
+    assert relunet_score(p, h, convention="eq9") == pytest.approx(total / ring_square)
     assert relunet_score(p, h, convention="cross") == pytest.approx(total / ring_cross)
-    # 3D, authors' convention: slice by slice along the first axis (cv2 on each slice), nothing across slices
+    # 3D: slice by slice along the first axis (cv2 on each slice), nothing across slices
     vol = np.stack([disc, np.zeros_like(disc), disc])
     pv = np.where(vol, 0.8, 0.0)
-    assert relunet_score(pv, binary_entropy(pv)) == pytest.approx(100 * 2 * total / (2 * ring_square))
+    assert relunet_score(pv, binary_entropy(pv)) == pytest.approx(100 * 2 * total / (255 * 2 * ring_square))
+    assert relunet_score(pv, binary_entropy(pv)) == pytest.approx(_authors_relunet_score(pv, binary_entropy(pv)))
     # the cross spreads across slices: the empty middle slice gains the two discs' shadow (317 voxels)
     assert relunet_score(pv, binary_entropy(pv), convention="cross") == pytest.approx(
         2 * total / (2 * ring_cross + 317))

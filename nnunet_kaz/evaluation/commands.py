@@ -11,7 +11,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(labels=args.labels, n_bins=args.n_bins, roi_margin=args.roi_margin,
                                   entropy_scaling=args.entropy_scaling, figure_cases=args.figure_cases,
                                   pred_subset=args.pred_subset, uncertainty_pattern=args.uncertainty_pattern,
-                                  uncertainty_key=args.uncertainty_key,
+                                  uncertainty_key=args.uncertainty_key, probs_entropy=args.probs_entropy,
                                   allow_undeclared_labels=args.allow_undeclared_labels,
                                   kits23=args.kits23, nsd_tolerance=args.nsd_tolerance, bootstrap=args.bootstrap,
                                   bootstrap_seed=args.bootstrap_seed, patient_pattern=args.patient_pattern)
@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "against ground truth with the same names. Writes metrics.csv (dice, jaccard, precision, "
                     "recall, specificity, rvd, hd, hd95, assd, mad, msd; distances in the images' spacing unit) "
                     "and summary.csv; with --probs ({case}.npz, key 'probabilities') also calibration.csv "
-                    "(ECE, adaptive ECE, MCE, Brier; scopes all and roi), reliability diagrams, the "
-                    "uncertainty threshold analysis (T = 100/75/50/25) and the AUROC of voxel uncertainty for "
-                    "voxel errors; with --scores the Spearman correlation of per-image scores with Dice. "
+                    "(ECE, adaptive ECE, MCE, Brier; scopes all and roi) and reliability diagrams; with "
+                    "uncertainty maps (CASE_uncertainty.npz of nnunet-kaz predict, read whenever it sits next to "
+                    "the predictions, or --uncertainty; or --probs-entropy) the uncertainty threshold analysis "
+                    "(T = 100/75/50/25) and the AUROC of voxel uncertainty for voxel errors; with --scores the Spearman correlation of per-image scores with Dice. "
                     "For KiTS23 datasets kits23.csv (region Dice and Surface Dice); failure_detection.csv (AURC, "
                     "E-AURC, AUGRC of every score and uncertainty aggregation); --nsd-tolerance adds nsd to "
                     "metrics.csv; --raters adds rater_agreement.csv (NCC, ROI AUROC). Every mean (summary.csv), "
@@ -68,14 +69,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi-margin", type=float, default=5.0,
                    help="roi scope: voxels within this distance (mm; pixels for PNG/BMP) of ground truth or "
                         "prediction (default 5)")
-    p.add_argument("--uncertainty", type=Path, help="folder of uncertainty maps (default: normalized entropy "
-                                                    "of the --probs probabilities)")
+    p.add_argument("--uncertainty", type=Path,
+                   help="folder of uncertainty maps (default: the --pred folder when it holds them, as nnunet-kaz "
+                        "predict writes CASE_uncertainty.npz: the entropy of the uncalibrated samples)")
+    p.add_argument("--probs-entropy", action="store_true",
+                   help="use the normalized entropy of the --probs probabilities as the uncertainty (named "
+                        "probs_entropy in the outputs; of calibrated probabilities when they were calibrated)")
     p.add_argument("--uncertainty-pattern", default="{case}_uncertainty.npz",
                    help="file name of a case's uncertainty map in --uncertainty (default {case}_uncertainty.npz)")
     p.add_argument("--uncertainty-key", default="entropy", help="array in an .npz uncertainty file "
                                                                 "(default entropy; or mutual_information, variance)")
-    p.add_argument("--entropy-scaling", choices=("case", "absolute"), default="case",
-                   help="0..100 scaling for the thresholds: per-case min-max (paper 000, default) or 100 x value")
+    p.add_argument("--entropy-scaling", choices=("slice", "case", "absolute"), default="slice",
+                   help="0..100 scaling for the thresholds: 100 U / max U per 2D slice (paper 000's authors, "
+                        "default), over the whole case, or 100 U")
     p.add_argument("--images", type=Path, help="images folder ({case}_0000{ending}) for the figures' image panel")
     p.add_argument("--figure-cases", type=int, default=3, help="uncertainty figures for the first N cases "
                                                                "(default 3; 0 for none)")

@@ -19,7 +19,8 @@ RUNS.yaml (relative paths are relative to the YAML file):
       - label: single model    # the method's name in the table
         pred: preds/single     # segmentations {case}{ending}, ours or stock nnU-Net (--save_probabilities)
         probs: preds/single    # optional: {case}.npz probabilities (default: `pred` when it holds them)
-        uncertainty: preds/single  # optional: {case}_uncertainty.npz maps (default: entropy of the mean prob)
+        uncertainty: preds/single  # optional: {case}_uncertainty.npz maps (default: those next to `pred`)
+        probs_entropy: false   # optional: the entropy of the probabilities instead (evaluate --probs-entropy)
         scores: preds/single/scores.csv  # optional (default: `pred`/scores.csv when present)
       - label: ensemble        # one prediction folder under several calibrators, without predicting again:
         pred: preds/ensemble   #   one row per entry, named "ensemble: KEY"; null = the probabilities as
@@ -37,7 +38,8 @@ Every run is checked before any is computed. OUT receives:
   errors of both scopes; aurc, e_aurc, augrc and risk_80cov of the first of `FAILURE_SOURCES` a run has (the mean
   voxel uncertainty, or else `mean_entropy` of scores.csv), averaged over labels; each score's Spearman rho
   against Dice; with `raters` each run's uncertainty against the raters' disagreement (evaluate --raters: mean
-  NCC, mean per-case ROI AUROC and the pooled ROI AUROC; every run then needs probabilities or uncertainty maps).
+  NCC, mean per-case ROI AUROC and the pooled ROI AUROC; every run then needs uncertainty maps, or probabilities
+  with probs_entropy).
   Every mean and pooled figure M (not the AUROCs, the pooled rater AUROC or rho) gets M_ci_low / M_ci_high: the
   95 % patient-level percentile bootstrap interval (intervals.py); and against the reference method M_diff,
   M_diff_ci_low, M_diff_ci_high (the paired bootstrap: both methods on the same drawn patients) and for the
@@ -78,8 +80,8 @@ from nnunet_kaz.io_utils import atomic_dir
 
 MARKER = "comparison.json"
 FAILURE_SOURCES = ("unc_mean", "mean_entropy")  # the first one a run has feeds the AURC columns
-RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "scores",
-            "calibration", "calibrations"}
+RUN_KEYS = {"label", "pred", "probs", "uncertainty", "uncertainty_pattern", "uncertainty_key", "probs_entropy",
+            "scores", "calibration", "calibrations"}
 SETTING_KEYS = ("labels", "n_bins", "roi_margin", "figure_cases", "pred_subset", "entropy_scaling", "bootstrap",
                 "bootstrap_seed", "patient_pattern")
 TOP_KEYS = {"gt", "images", "raters", "runs", "reference", *SETTING_KEYS}
@@ -171,7 +173,7 @@ def load_runs(yaml_file: Path) -> tuple[list[RunSpec], dict]:
                 scores = _path(base, r["scores"], f"{where}.scores") if r.get("scores") else (
                     pred / "scores.csv" if (pred / "scores.csv").is_file() else None)
                 kw = dict(settings_kw)
-                for k in ("uncertainty_pattern", "uncertainty_key"):
+                for k in ("uncertainty_pattern", "uncertainty_key", "probs_entropy"):
                     if k in r:
                         kw[k] = r[k]
                 try:

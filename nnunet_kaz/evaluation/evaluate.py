@@ -10,9 +10,11 @@ Outputs (definitions in the docstrings of the modules named):
 - summary.csv: per label and over all rows (`all`): mean, std (ddof 1), median, n (finite values used) and
   n_nan (undefined values left out, e.g. distances with exactly one empty mask) of every metric column;
 - with probabilities: calibration.csv (calibration.py) and reliability_{scope}_{class}.png;
-- with probabilities or uncertainty maps: uncertainty_thresholds.csv (per case, label and T),
-  uncertainty_thresholds_summary.csv (pooled over cases), uncertainty_auroc.csv and, with --figure-cases,
-  figures/uncertainty_{case}_label{l}.png (uncertainty_validation.py);
+- with uncertainty maps (the predictor's uncalibrated `{case}_uncertainty.npz`, used whenever it sits next to
+  the predictions or in the uncertainty folder; the entropy of the given probabilities only with probs_entropy):
+  uncertainty_thresholds.csv (per case, label and T), uncertainty_thresholds_summary.csv (pooled over cases),
+  uncertainty_auroc.csv and, with --figure-cases, figures/uncertainty_{case}_label{l}.png
+  (uncertainty_validation.py);
 - with --scores: score_correlations.csv and score_scatter.png (score_correlation.py); the scores of a
   region-based KiTS23 prediction (rows named by dataset.json's regions kidney, masses, tumor) are matched with
   kits23.csv's region Dice (kidney_and_mass, mass, tumor), those of a label-based one with metrics.csv's Dice;
@@ -64,6 +66,7 @@ from nnunet_kaz.evaluation.overlap import OVERLAP_METRICS, metrics_from_counts, 
 from nnunet_kaz.evaluation.score_correlation import read_scores, score_correlations, score_scatter
 from nnunet_kaz.evaluation.surface import SURFACE_METRICS, surface_metrics
 from nnunet_kaz.evaluation.uncertainty_validation import (
+    SCALINGS,
     THRESHOLDS,
     ErrorAuroc,
     figure_slice,
@@ -76,6 +79,7 @@ from nnunet_kaz.uncertainty import normalized_entropy
 
 METRIC_COLUMNS = OVERLAP_METRICS + SURFACE_METRICS
 MARKER = "evaluation.json"
+PROBS_ENTROPY = "probs_entropy: normalized entropy of the given probabilities (CASE.npz)"
 
 
 @dataclass
@@ -84,11 +88,12 @@ class EvaluationSettings:
     n_bins: int = 15
     roi_margin: float = 5.0                  # physical units of the spacing (mm; pixels for PNG/BMP)
     thresholds: tuple[float, ...] = THRESHOLDS
-    entropy_scaling: str = "case"
+    entropy_scaling: str = "slice"           # 100 U / max U per 2D slice (the authors'); "case", "absolute"
     figure_cases: int = 3
     pred_subset: bool = False
     uncertainty_pattern: str = "{case}_uncertainty.npz"
     uncertainty_key: str = "entropy"
+    probs_entropy: bool = False              # uncertainty = normalized entropy of the given probabilities
     allow_undeclared_labels: bool = False    # ground-truth labels dataset.json lacks: warn instead of error
     kits23: bool | None = None               # KiTS23 regions: None = when dataset.json has KiTS23's labels
     nsd_tolerance: list[str] | None = None   # NSD tolerances in mm: "T" and/or "LABEL:T" (parse_nsd_tolerances)
@@ -105,8 +110,9 @@ class EvaluationSettings:
             raise KazError(f"the number of bins (n_bins) must be >= 1, got {self.n_bins}", option="n_bins")
         if not self.roi_margin >= 0:
             raise KazError(f"the ROI margin (roi_margin) must be >= 0, got {self.roi_margin}", option="roi_margin")
-        if self.entropy_scaling not in ("case", "absolute"):
-            raise KazError(f"entropy scaling must be 'case' or 'absolute', got {self.entropy_scaling!r}")
+        if self.entropy_scaling not in SCALINGS:
+            raise KazError(f"entropy scaling (entropy_scaling) must be one of {SCALINGS}, got "
+                           f"{self.entropy_scaling!r}", option="entropy_scaling")
         if self.labels is not None:
             labels = [self.labels] if isinstance(self.labels, int) else self.labels
             if not isinstance(labels, (list, tuple)) or not all(isinstance(v, (int, np.integer)) for v in labels):
@@ -193,6 +199,7 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
     for what, d in (("probability", probs_dir), ("image", images_dir), ("uncertainty", uncertainty_dir)):
         if d is not None and not Path(d).is_dir():
             raise KazError(f"{what} folder {d} does not exist")
+    uncertainty_dir, found_next_to_pred = _uncertainty_source(Path(pred_dir), probs_dir, uncertainty_dir, settings)
     pairs = match_cases(Path(pred_dir), Path(gt_dir), probs_dir, uncertainty_dir, settings.uncertainty_pattern,
                         images_dir, settings.pred_subset)
     dj_path = find_dataset_json(Path(pred_dir), Path(gt_dir), levels=1)
@@ -226,9 +233,10 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
     if calibration is not None:
         plan.calibrator = _check_calibration(Path(calibration), pairs, probs_dir, dj)
     if raters_dir is not None:
-        if probs_dir is None and uncertainty_dir is None:
-            raise KazError("rater agreement compares an uncertainty map with the raters: give probabilities or "
-                           "uncertainty maps too", option="raters")
+        if uncertainty_dir is None and not settings.probs_entropy:
+            raise KazError("rater agreement compares an uncertainty map with the raters: give uncertainty maps "
+                           "(CASE_uncertainty.npz next to the predictions or in an uncertainty folder), or "
+                           "probabilities and their entropy (probs_entropy)", option="raters")
         plan.raters = check_rater_folder(Path(raters_dir), {p.case: p.header.shape for p in pairs},
                                          SEGMENTATION_ENDINGS, lambda f: read_header(f).squeezed.shape)
     if conformal_dir is not None:
@@ -255,7 +263,8 @@ def prepare(pred_dir: Path, gt_dir: Path, probs_dir: Path | None = None, setting
             raise KazError(f"{scores_csv}: case(s) not evaluated: {unknown[:20]}")
     plan.sources = {"pred": str(pred_dir), "gt": str(gt_dir), "probs": str(probs_dir) if probs_dir else "",
                     "images": str(images_dir) if images_dir else "",
-                    "uncertainty": str(uncertainty_dir) if uncertainty_dir else "",
+                    "uncertainty": (f"{uncertainty_dir} (next to the predictions)" if found_next_to_pred
+                                    else str(uncertainty_dir) if uncertainty_dir else ""),
                     "scores": str(scores_csv) if scores_csv else "",
                     "raters": str(raters_dir) if raters_dir else "",
                     "conformal": str(conformal_dir) if conformal_dir else "",
@@ -287,6 +296,27 @@ def _check_calibration(path: Path, pairs: list[CasePair], probs_dir: Path | None
         raise KazError(f"calibration {path}: calibrators apply to softmax outputs; this dataset has regions",
                        option="calibration")
     return load_calibrator(path, labels=labels)
+
+
+def _uncertainty_source(pred_dir: Path, probs_dir: Path | None, uncertainty_dir: Path | None,
+                        settings: EvaluationSettings) -> tuple[Path | None, bool]:
+    """The folder of uncertainty maps to use, and whether it was found next to the predictions: the given one;
+    else the prediction folder when it holds maps named by the uncertainty pattern (the predictor's
+    `{case}_uncertainty.npz`, from the uncalibrated samples); none when the entropy of the probabilities is
+    asked for (probs_entropy), which then needs the probabilities."""
+    if settings.probs_entropy:
+        if uncertainty_dir is not None:
+            raise KazError("give uncertainty maps or ask for the entropy of the probabilities (probs_entropy), not "
+                           "both", option="probs_entropy")
+        if probs_dir is None:
+            raise KazError("the entropy of the probabilities (probs_entropy) needs the probabilities (probs)",
+                           option="probs_entropy")
+        return None, False
+    if uncertainty_dir is not None:
+        return Path(uncertainty_dir), False
+    if next(pred_dir.glob(settings.uncertainty_pattern.replace("{case}", "*")), None) is not None:
+        return pred_dir, True
+    return None, False
 
 
 def _scores_with_label_values(scores: pd.DataFrame, label_names: dict[str, int], path: Path) -> pd.DataFrame:
@@ -350,7 +380,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
 
     s = plan.settings
     use_probs = any(p.probs for p in plan.pairs)
-    use_unc = use_probs or any(p.uncertainty for p in plan.pairs)
+    use_unc = any(p.uncertainty for p in plan.pairs) or (s.probs_entropy and use_probs)
     calib = CalibrationSet(s.n_bins, plan.labels or []) if use_probs else None
     auroc = {"all": ErrorAuroc(), "roi": ErrorAuroc()} if use_unc else {}
     rows: list[dict] = []
@@ -387,7 +417,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             plan.conformal.add(pair.case, pred, gt)
         rows += [{"case": pair.case, "label": lab, **_label_metrics(pred, gt, lab, spacing, present),
                   **({"nsd": nsd[lab]} if lab in nsd else {})} for lab in labels]
-        if not use_unc:
+        if not (use_unc or use_probs):
             continue
         probs = None
         if pair.probs is not None:
@@ -405,7 +435,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
             calib.add_case(probs, gt, roi, group=groups.patient_of[pair.case] if groups else None)
         if pair.uncertainty is not None:
             u = load_uncertainty(pair.uncertainty, gt.shape, s.uncertainty_key)
-        elif probs is not None:
+        elif s.probs_entropy and probs is not None:
             u = normalized_entropy(np.asarray(probs, dtype=np.float32))
         else:
             continue
@@ -435,8 +465,7 @@ def run(plan: EvaluationPlan, progress: bool = True) -> EvaluationResult:
         result.thresholds = pd.DataFrame(threshold_rows)
         result.threshold_summary = summarize_thresholds(result.thresholds)
         result.uncertainty_source = (f"{plan.settings.uncertainty_key} from {plan.settings.uncertainty_pattern}"
-                                     if any(p.uncertainty for p in plan.pairs)
-                                     else "normalized entropy of the mean probability")
+                                     if any(p.uncertainty for p in plan.pairs) else PROBS_ENTROPY)
     if plan.score_regions:
         result.scores = plan.scores
         result.score_metrics = fm.kits_table.rename(columns={"region": "label"})[["case", "label", "dice"]]

@@ -1,7 +1,7 @@
 """Per-image uncertainty scores against segmentation quality (paper 004 tables 1-2: Spearman correlation).
 
 The predictor's `scores.csv` holds one row per case and label: columns `case, label`, the scores
-(`mean_entropy, relunet_score, relunet_score_cross, cv, pairwise_dice, pairwise_dice_pooled,
+(`mean_entropy, relunet_score, relunet_score_eq9, relunet_score_cross, cv, pairwise_dice, pairwise_dice_pooled,
 labelled_uncertainty`; any further numeric column is treated as a score too) and bookkeeping (`n_members,
 n_samples`, and `conformal_volume` of predict --conformal: not scores). Each score is correlated with the
 per-case Dice of `metrics.csv` (Spearman's rho and its two-sided p-value, scipy.stats.spearmanr). A good

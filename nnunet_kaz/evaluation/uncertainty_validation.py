@@ -1,10 +1,14 @@
 """Does voxel uncertainty flag the voxel errors? Paper 000 section 2.4 / Fig. 4, plus an error-detection AUROC.
 
 Threshold analysis (paper 000 section 2.4, after Mehta's QU-BraTS filtering):
-- The uncertainty map U (by default the normalized entropy of the mean probability, paper 000 eq. 2 divided by
-  log 2) is scaled to 0..100 per case. `scaling="case"`: min-max over the case, 100 (U - min U) / (max U -
-  min U), the paper's "normalizing the entropy estimates per slice ... between 0 and 100" (a constant map gives
-  0); `scaling="absolute"`: 100 U for maps already in [0, 1], comparable across cases.
+- The uncertainty map U is, by default, the entropy in the predictor's `{case}_uncertainty.npz`: that of the
+  UNcalibrated samples (as the authors' `compute_uncertainty_metrics`), the same whether or not the predictions
+  were calibrated; the normalized entropy of given probabilities only when asked (`evaluate --probs-entropy`).
+- U is scaled to 0..100 per slice as the authors' code does: `scaling="slice"` (default), 100 U / max U on each
+  2D slice (each slice along the first axis of a 3D volume, nnU-Net's axial (z, y, x) order; a 2D image is one
+  slice); the paper's "normalizing the entropy estimates per slice ... between 0 and 100". `scaling="case"`:
+  100 U / max U over the whole case (for 2D images the same); `scaling="absolute"`: 100 U for maps already in
+  [0, 1], comparable across cases. A slice (or case) whose U is 0 everywhere stays 0.
 - For each threshold T (100, 75, 50, 25) a voxel with scaled U > T is `uncertain`; every other voxel is
   compared with the ground truth: TP (prediction and ground truth), FP (prediction only), FN (ground truth
   only); the remaining true negatives are not a class of the paper but `uncertain_tn` counts the uncertain
@@ -34,17 +38,22 @@ _BLOCK = 1 << 20
 THRESHOLD_COLUMNS = ("tp", "fp", "fn", "uncertain", "uncertain_tn", "filtered_tp", "filtered_fp", "filtered_fn")
 
 
-def scaled_uncertainty(u: np.ndarray, scaling: str = "case") -> np.ndarray:
-    """Uncertainty scaled to 0..100 (float32): per-case min-max (`case`) or 100 u (`absolute`); see module."""
+SCALINGS = ("slice", "case", "absolute")
+
+
+def scaled_uncertainty(u: np.ndarray, scaling: str = "slice") -> np.ndarray:
+    """Uncertainty scaled to 0..100 (float32): 100 U / max U per 2D slice (`slice`, the authors'), over the
+    whole case (`case`), or 100 U (`absolute`); see the module docstring."""
     u = np.asarray(u, dtype=np.float32)
     if scaling == "absolute":
         return np.clip(u * np.float32(100.0), 0.0, 100.0)
-    if scaling != "case":
-        raise ValueError(f"scaling must be 'case' or 'absolute', got {scaling!r}")
-    lo, hi = float(u.min()), float(u.max())
-    if hi <= lo:
-        return np.zeros_like(u)
-    return ((u - np.float32(lo)) * np.float32(100.0 / (hi - lo))).clip(0.0, 100.0)
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    per_slice = scaling == "slice" and u.ndim >= 3
+    peak = u.reshape(u.shape[0], -1).max(1).reshape((-1,) + (1,) * (u.ndim - 1)) if per_slice else u.max()
+    peak = np.asarray(peak, dtype=np.float32)
+    scale = np.divide(np.float32(100.0), peak, out=np.zeros_like(peak), where=peak > 0)
+    return (u * scale).clip(0.0, 100.0)
 
 
 def threshold_counts(pred: np.ndarray, gt: np.ndarray, u100: np.ndarray,

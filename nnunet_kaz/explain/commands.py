@@ -30,7 +30,7 @@ def _refine_fit(args: argparse.Namespace) -> int:
 
     d = refine_fit(args.m, args.i, args.gt, args.o, margin=args.margin, target_class=args.target_class,
                    layer=args.layer, roi=args.roi, iterations=args.iterations, learning_rate=args.learning_rate,
-                   seed=args.seed, device=args.device, tile_step_size=args.tile_step_size)
+                   seed=args.seed, device=args.device, tile_step_size=args.tile_step_size, reduction=args.reduction)
     print(f"{args.o}: fitted on {d['fit']['n_voxels']} ROI voxels of {len(d['fit']['cases'])} case(s) "
           f"(block {d['features']['block']}, loss {d['fit']['initial_loss']:.4g} -> {d['fit']['final_loss']:.4g})")
     return 0
@@ -114,7 +114,11 @@ def _register_refine(sub: argparse._SubParsersAction) -> None:
                    help="box every predicted voxel of the class (default) or only its largest connected component")
     f.add_argument("--layer", help="Grad-CAM block (default: the last decoder stage)")
     f.add_argument("--iterations", type=int, default=1000, help="gradient-descent iterations (default 1000)")
-    f.add_argument("--learning-rate", type=float, default=0.5, help="on mean gradients (default 0.5)")
+    f.add_argument("--gradients", dest="reduction", choices=("sum", "mean"), default="sum",
+                   help="sum: Algorithm 3 verbatim, gradients summed over the ROI voxels (default; diverges on "
+                        "large ROIs, with an error); mean: the faster variant of this package, mean gradients")
+    f.add_argument("--learning-rate", type=float, default=None,
+                   help="default 0.01 with --gradients sum (Algorithm 3), 0.5 with --gradients mean")
     o.add_seed(f, "of the U[0,1) initialisation")
     o.add_step(f)
     o.add_device(f)

@@ -82,7 +82,8 @@ def mhex_images(inputs: Sequence[Path], member_spec: str, out_dir: Path, ensembl
     if ensemble or mc:
         members = [parse_member(s) for s in ensemble] if ensemble else [parse_member(member_spec)]
         check_compatible([predictor.members[0], *members])
-        ens = UncertaintyPredictor(members, mc=mc, device=device, tile_step_size=tile_step_size, verbose=False)
+        ens = UncertaintyPredictor(members, mc=mc, mirror=False, device=device, tile_step_size=tile_step_size,
+                                   verbose=False)  # as the members' CAMs: no test-time mirroring
     cases = resolve_images(inputs, predictor.dataset_json)
     for case, files in cases.items():
         check_image_case(case, files, n_input_channels(predictor.dataset_json))

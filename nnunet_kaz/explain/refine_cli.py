@@ -17,7 +17,9 @@ inside the region of interest):
   largest connected component of that region (face connectivity; ties: the first in scan order), closer to
   ERNet's object boxes when the prediction has scattered false positives. The mode is fixed at fitting.
 - fit: the (p, h) features and 0/1 labels of every case's ROI voxels are pooled and `HeatmapRefiner.fit` trains
-  the 2-5-1 network; the JSON holds its parameters plus the feature layout (`features`) that `apply` checks.
+  the 2-5-1 network, by default as Algorithm 3 (learning rate 0.01 on gradients summed over the voxels, U[0, 1)
+  initialisation, 1000 iterations, MSE; `reduction="mean"`: the faster variant, learning rate 0.5 on mean
+  gradients); the JSON holds its parameters plus the feature layout (`features`) that `apply` checks.
 - apply: inside the ROI the target-class probability becomes the refiner's output and the other classes are
   rescaled to sum to 1 - p_new (their old proportions kept); inside the ROI the segmentation is the argmax of the
   refined probabilities, outside it every voxel keeps the unrefined label (copied, never recomputed).
@@ -144,8 +146,8 @@ def _check_class(predictor, target_class: int) -> None:
 
 def refine_fit(member_spec: str, images_dir: Path, labels_dir: Path, out_json: Path, margin: int = 5,
                target_class: int = 1, layer: str | None = None, roi: str = "all", iterations: int = 1000,
-               learning_rate: float = 0.5, seed: int = 0, device: str = "auto",
-               tile_step_size: float = 0.5) -> dict:
+               learning_rate: float | None = None, seed: int = 0, device: str = "auto",
+               tile_step_size: float = 0.5, reduction: str = "sum") -> dict:
     """Fit the heatmap refiner on the ROI voxels of every case of `images_dir` against `labels_dir`; write JSON."""
     from nnunet_kaz.explain.gradcam import resolve_layers
     from nnunet_kaz.explain.refinement import HeatmapRefiner, pool_roi_features
@@ -159,7 +161,8 @@ def refine_fit(member_spec: str, images_dir: Path, labels_dir: Path, out_json: P
     _check_class(predictor, target_class)
     block = resolve_layers(network, [layer])[0] if layer else last_block(network)
     cases, labels = _image_cases(predictor, images_dir, labels_dir, "label")
-    refiner = HeatmapRefiner(iterations=iterations, learning_rate=learning_rate, seed=seed)  # checks arguments
+    refiner = HeatmapRefiner(iterations=iterations, learning_rate=learning_rate, reduction=reduction,
+                             seed=seed)  # checks the arguments before any case is read
     pooled, summary = [], []
     for case, files in tqdm(sorted(cases.items()), desc="refine fit: cases"):
         m = case_maps(predictor, network, block, files, case, target_class, margin, roi, tile_step_size)

@@ -9,15 +9,19 @@ Definitions:
   (`roi_from_mask`), standing in for ERNet's Mask R-CNN boxes; an empty prediction has no ROI (nothing refined);
 - the 2-5-1 network of Algorithm 3: Z = W [p, h]^T + B, X = sigmoid(Z), y = w X + b (linear output), trained by
   full-batch gradient descent on Loss = sum (Y - y)^2 / 2 with the literal updates of lines 10-15, parameters
-  initialised U[0, 1) (Rand) from `seed`, 1000 iterations. `reduction="sum"` with learning rate 0.01 is
-  Algorithm 3 verbatim (gradients summed over the N voxels), but then the step grows with N and diverges on real
-  ROIs; the default divides the gradients by N ("mean") and uses learning rate 0.5 (with averaged gradients 0.01
-  barely moves in 1000 iterations; 0.3-0.5 converges on every seed we tried, 1.0 starts to oscillate);
+  initialised U[0, 1) (Rand: W, B, w, b drawn in that order) from `seed`, 1000 iterations. By default
+  (`reduction="sum"`, learning rate 0.01) this is Algorithm 3 verbatim: the gradients are summed over the N RoI
+  voxels, so the step grows with N and gradient descent diverges once 0.01 N is more than a few (a few hundred
+  voxels): the fit then stops with an error naming the faster variant. `reduction="mean"` (`refine fit
+  --gradients mean`, ours, not the paper's) divides the gradients by N and uses learning rate 0.5 (with averaged
+  gradients 0.01 barely moves in 1000 iterations; 0.3-0.5 converged on every seed we tried, 1.0 starts to
+  oscillate);
 - the refined probability is y clipped to [0, 1]; voxels outside the ROI keep their input value bit for bit.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -63,14 +67,23 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # paper 001 eq. 3, overflow-free
 
 
+REDUCTIONS = {"sum": 0.01, "mean": 0.5}  # gradient reduction -> its default learning rate (module docstring)
+
+
 class HeatmapRefiner:
     """ERNet's 2-5-1 probability-resetting network (paper 001 Algorithm 3) with scikit-learn's fit / transform and a
-    JSON form. X is (N, 2) = (probability, heatmap weight) per voxel, y is (N,) in {0, 1}."""
+    JSON form. X is (N, 2) = (probability, heatmap weight) per voxel, y is (N,) in {0, 1}. Defaults are Algorithm
+    3's: 5 sigmoid hidden units, U[0, 1) initialisation, learning rate 0.01 on gradients summed over the voxels,
+    1000 iterations; `reduction="mean"` is the faster variant (learning rate 0.5 on mean gradients)."""
 
-    def __init__(self, n_hidden: int = 5, learning_rate: float = 0.5, iterations: int = 1000,
-                 reduction: str = "mean", seed: int = 0, max_voxels: int = 200_000):
-        if reduction not in ("mean", "sum"):
-            raise KazError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    def __init__(self, n_hidden: int = 5, learning_rate: float | None = None, iterations: int = 1000,
+                 reduction: str = "sum", seed: int = 0, max_voxels: int = 200_000):
+        if reduction not in REDUCTIONS:
+            raise KazError(f"the gradient reduction (reduction) must be one of {tuple(REDUCTIONS)}, got {reduction!r}",
+                           option="reduction")
+        learning_rate = REDUCTIONS[reduction] if learning_rate is None else learning_rate
+        if not learning_rate > 0 or int(iterations) < 1:
+            raise KazError(f"need a learning rate > 0 and >= 1 iterations, got {learning_rate} and {iterations}")
         self.n_hidden, self.learning_rate, self.iterations = int(n_hidden), float(learning_rate), int(iterations)
         self.reduction, self.seed, self.max_voxels = reduction, int(seed), int(max_voxels)
         self.W = self.B = self.w = self.b = None
@@ -102,18 +115,31 @@ class HeatmapRefiner:
         inp, Y = X.T, y[None]  # (2, N), (1, N): one column per voxel, as in the algorithm
         scale = 1.0 / len(y) if self.reduction == "mean" else 1.0
         self.loss_history = []
-        for _ in range(self.iterations):
-            Z = W @ inp + B                                     # line 6
-            Xh = _sigmoid(Z)                                    # line 7
-            out = w @ Xh + b                                    # line 8
-            self.loss_history.append(float(((Y - out) ** 2).sum() / 2 * scale))  # line 9
-            dy = out - Y                                        # line 10
-            dh = (w.T @ dy) * Xh * (1 - Xh)                     # line 11, Derivative(Z) = s(Z)(1 - s(Z)), eq. 4
-            lr = self.learning_rate * scale
-            W, w = W - lr * dh @ inp.T, w - lr * dy @ Xh.T      # lines 12-13
-            B, b = B - lr * dh.sum(1, keepdims=True), b - lr * dy.sum(1, keepdims=True)  # lines 14-15
+        with np.errstate(over="ignore", invalid="ignore"):
+            for it in range(self.iterations):
+                Z = W @ inp + B                                     # line 6
+                Xh = _sigmoid(Z)                                    # line 7
+                out = w @ Xh + b                                    # line 8
+                self.loss_history.append(float(((Y - out) ** 2).sum() / 2 * scale))  # line 9
+                if not math.isfinite(self.loss_history[-1]):
+                    self._diverged(it, len(y))
+                dy = out - Y                                        # line 10
+                dh = (w.T @ dy) * Xh * (1 - Xh)                     # line 11, Derivative(Z) = s(Z)(1 - s(Z)), eq. 4
+                lr = self.learning_rate * scale
+                W, w = W - lr * dh @ inp.T, w - lr * dy @ Xh.T      # lines 12-13
+                B, b = B - lr * dh.sum(1, keepdims=True), b - lr * dy.sum(1, keepdims=True)  # lines 14-15
+        if not all(np.isfinite(a).all() for a in (W, B, w, b)):
+            self._diverged(self.iterations, len(y))
         self.W, self.B, self.w, self.b = W, B, w, b
         return self
+
+    def _diverged(self, iteration: int, n: int) -> None:
+        what = (f"Algorithm 3's gradient descent (learning rate {self.learning_rate:g} on gradients summed over "
+                f"{n} voxels, a step of {self.learning_rate * n:.3g} x the mean gradient)"
+                if self.reduction == "sum" else
+                f"gradient descent (learning rate {self.learning_rate:g} on mean gradients)")
+        raise KazError(f"{what} diverged after {iteration} iterations; use the faster variant, mean gradients with "
+                       f"learning rate 0.5 (reduction), or a smaller learning rate", option="reduction")
 
     def _check_fitted(self) -> None:
         if self.W is None:

@@ -23,7 +23,8 @@ def _predict(args: argparse.Namespace) -> int:
         from nnunet_kaz.conformal import ConformalMasks
 
         conformal = ConformalMasks.load(args.conformal)
-    predictor = UncertaintyPredictor(members, mc=args.mc, mirror=args.mirror, tile_step_size=args.tile_step_size,
+    predictor = UncertaintyPredictor(members, mc=args.mc, mirror=not args.disable_tta,
+                                     tile_step_size=args.tile_step_size,
                                      device=args.device, mc_batch=args.mc_batch, seed=args.seed,
                                      calibration=calibration, postprocessing=chain,
                                      calibrated_entropy=args.calibrated_entropy, conformal=conformal,
@@ -58,12 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                    help="GiB one case may use on the device (default: the GPU's free memory); accumulators that "
                         "do not fit go to pinned CPU memory")
-    p.add_argument("--mirror", action="store_true", help="test-time mirroring as nnU-Net (off by default)")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="no test-time mirroring. By default each sample is, as in nnUNetv2_predict, the mean of the "
+                        "logits over every flip of the axes its member was trained to mirror (nnU-Net's within-sample "
+                        "mirroring; 4 forward passes per tile for a 2D member, 8 for 3D); nnU-Net's --disable_tta")
+    o.add_retired_switch(p, "--mirror", "test-time mirroring is the default; --disable-tta turns it off")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation as an uncertainty method: each of nnU-Net's mirror flips (4 in 2D, 8 "
                         "in 3D) is a sample of its own, streamed like MC samples (entropy, MI, variance and scores "
-                        "over members x --mc samples x flips); turns nnU-Net's within-sample mirroring (--mirror, "
-                        "which averages the flips' logits inside one sample) off")
+                        "over members x --mc samples x flips); replaces the default within-sample mirroring (which "
+                        "averages the flips' logits inside one sample)")
     o.add_step(p)
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("--part-id", type=int, default=0, help="which part this process predicts")

@@ -97,10 +97,12 @@ class UncertaintyPredictor:
     modules in train mode (normalisation stays in eval mode). Sample k of model m on case c draws its dropout
     masks on tile t from a generator seeded by (seed, crc32(c), m, k, t) (`sliding_window.per_sample_dropout`),
     so a run is reproducible, an interrupted run resumes to the same outputs, and `mc_batch` does not change
-    the samples on a given device.
+    the samples on a given device. `mirror` (default True, as `nnUNetv2_predict` and `nnunet-kaz predict`):
+    each sample's logits are averaged over every flip of the axes its checkpoint was trained to mirror
+    (`inference_allowed_mirroring_axes`), nnU-Net's test-time mirroring; False is `--disable-tta`.
     """
 
-    def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = False, tile_step_size: float = 0.5,
+    def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = True, tile_step_size: float = 0.5,
                  device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
                  verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
                  conformal=None, device_memory: float | None = None, tta: bool = False):
@@ -117,7 +119,7 @@ class UncertaintyPredictor:
             raise KazError(f"the tile step (tile_step_size) must lie in (0, 1], got {tile_step_size}",
                            option="tile_step_size")
         # TTA makes every flip a sample of its own: the within-sample mirroring (which would average them) is off
-        self.members, self.mc, self.mirror, self.step = list(members), mc, mirror and not tta, tile_step_size
+        self.members, self.mc, self.mirror, self.step = list(members), mc, bool(mirror) and not tta, tile_step_size
         self.tta = tta
         self.calibrated_entropy = calibrated_entropy
         self.mc_batch, self.seed, self.verbose = mc_batch, seed, verbose
@@ -430,11 +432,13 @@ def collect_scores(output_dir: Path) -> pd.DataFrame:
 def load_member(spec: str, device: str | torch.device = "auto", softmax_only: bool = True,
                 tile_step_size: float = 0.5) -> tuple[UncertaintyPredictor, torch.nn.Module]:
     """One member for the per-network commands (explain, mhex, refine): (a predictor of the member's FIRST
-    checkpoint, for its preprocessing, geometry and sampling; that checkpoint's network, eval mode, on `device`).
-    Loaded by `load_models` with the predictor's checks; `softmax_only` refuses region-trained members."""
+    checkpoint, for its preprocessing, geometry and sampling, without test-time mirroring, as their heatmaps are
+    computed; that checkpoint's network, eval mode, on `device`). Loaded by `load_models` with the predictor's
+    checks; `softmax_only` refuses region-trained members."""
     member = parse_member(spec)
     member.checkpoints = member.checkpoints[:1]
-    predictor = UncertaintyPredictor([member], device=device, tile_step_size=tile_step_size, verbose=False)
+    predictor = UncertaintyPredictor([member], mirror=False, device=device, tile_step_size=tile_step_size,
+                                     verbose=False)
     if softmax_only and predictor.regions:
         raise KazError(f"{member.folder.name} was trained on regions (sigmoid outputs); this command needs a "
                        "label-based (softmax) dataset")

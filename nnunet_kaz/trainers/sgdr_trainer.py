@@ -33,6 +33,9 @@ class SGDRSnapshotMixin:
       pseudo-Dice shows no peak is skipped). At its last epoch a cycle is dropped, with its snapshots, when its
       best EMA pseudo-Dice is not higher than the best of the last kept cycle minus the margin
       (best_now <= best_prev - margin); the first cycle is always kept. None: never drop.
+    - `snapshot_fractions` (None): paper 002 Table II's "full-train" ensemble instead of the peaks: the
+      checkpoints at these fractions of training are the snapshots, e.g. (0.6, 0.7, 0.8, 0.9, 1.0), each the
+      weights after round(f x num_epochs) epochs (`fraction_epochs`); top-k, window and dropping do not apply.
     """
 
     sgdr_T0: int = 100
@@ -43,6 +46,7 @@ class SGDRSnapshotMixin:
     snapshot_top_k: int = 3
     snapshot_window: int = 10
     snapshot_drop_margin: float | None = 0.0
+    snapshot_fractions: tuple[float, ...] | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -56,6 +60,12 @@ class SGDRSnapshotMixin:
     def cycle_ends(self) -> list[int]:
         return sgdr_cycle_ends(self.num_epochs, self.sgdr_T0, self.sgdr_eta, self.sgdr_cycle_ends)
 
+    @property
+    def fraction_epochs(self) -> list[int]:
+        """0-based epochs whose end-of-epoch weights are the "full-train" snapshots: round(f x num_epochs) - 1
+        per fraction f (0.6 of 800 epochs: epoch 479, the weights after 480 epochs); duplicates merged."""
+        return sorted({max(1, round(f * self.num_epochs)) - 1 for f in self.snapshot_fractions or ()})
+
     def check_sgdr_settings(self) -> None:
         """Refuse to start on cycles that do not fit num_epochs, T0 / eta that the cycle ends would override,
         or a top-k larger than the window."""
@@ -67,6 +77,11 @@ class SGDRSnapshotMixin:
                                  f"{tuple(self.sgdr_cycle_ends)} is set: set sgdr_cycle_ends = None in the subclass to "
                                  f"use them, or change sgdr_cycle_ends")
         ends = self.cycle_ends  # raises ValueError when the cycles do not fit
+        if self.snapshot_fractions is not None:
+            fractions = list(self.snapshot_fractions)
+            if not fractions or not all(0 < f <= 1 for f in fractions):
+                raise ValueError(f"snapshot_fractions must be fractions of training in (0, 1], got {fractions}")
+            return
         shortest = min(b - a for a, b in zip([0] + ends, ends))
         if not 1 <= self.snapshot_top_k <= self.snapshot_window:
             raise ValueError(f"snapshot_top_k={self.snapshot_top_k} must lie in 1..snapshot_window="
@@ -97,7 +112,9 @@ class SGDRSnapshotMixin:
         if self.local_rank != 0:
             return
         fresh = SnapshotManifest(self.__class__.__name__, self.cycle_ends, self.snapshot_top_k,
-                                 self.snapshot_window, self.initial_lr, self.sgdr_lr_min)
+                                 self.snapshot_window, self.initial_lr, self.sgdr_lr_min,
+                                 fractions=None if self.snapshot_fractions is None
+                                 else [float(f) for f in self.snapshot_fractions])
         if self.current_epoch > 0 and self.manifest_path.is_file():
             # resumed with --c: keep what was kept before the checkpoint we resumed from
             old = SnapshotManifest.load(self.manifest_path)
@@ -118,6 +135,14 @@ class SGDRSnapshotMixin:
     def _consider_snapshot(self, epoch: int) -> None:
         ends = self.cycle_ends
         cycle = cycle_of_epoch(epoch, ends)
+        if self.snapshot_fractions is not None:  # "full-train": the checkpoints at the given fractions
+            if epoch in self.fraction_epochs:
+                snapshot = Snapshot(cycle, epoch, float(self.logger.get_value("ema_fg_dice", step=-1)),
+                                    float(self.optimizer.param_groups[0]["lr"]), snapshot_filename(cycle, epoch))
+                self.manifest.snapshots.append(snapshot)
+                self.save_checkpoint(join(self.output_folder, snapshot.file))
+                self.manifest.save(self.manifest_path)
+            return
         if epoch >= ends[cycle] - self.snapshot_window:
             candidate = Snapshot(cycle, epoch, float(self.logger.get_value("ema_fg_dice", step=-1)),
                                  float(self.optimizer.param_groups[0]["lr"]), snapshot_filename(cycle, epoch))

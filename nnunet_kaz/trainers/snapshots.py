@@ -25,7 +25,8 @@ class Snapshot:
 
 @dataclass
 class SnapshotManifest:
-    """What `snapshots.json` holds: the schedule, the kept snapshots and the cycles dropped as worse."""
+    """What `snapshots.json` holds: the schedule, the kept snapshots and the cycles dropped as worse (or, for a
+    "full-train" run, the fractions of training whose checkpoints are the snapshots)."""
 
     trainer: str
     cycle_ends: list[int]
@@ -35,6 +36,7 @@ class SnapshotManifest:
     lr_min: float
     snapshots: list[Snapshot] = field(default_factory=list)
     dropped_cycles: list[int] = field(default_factory=list)
+    fractions: list[float] | None = None  # "full-train": snapshots at these fractions of training, not top-k
 
     @classmethod
     def load(cls, path: Path) -> "SnapshotManifest":

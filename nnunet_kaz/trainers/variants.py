@@ -10,8 +10,13 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kaz.trainers.augmentation import PaperDAMixin
-from nnunet_kaz.trainers.dropout_trainer import nnUNetTrainerDropout, nnUNetTrainerDropoutSpatial
+from nnunet_kaz.trainers.dropout_trainer import (
+    nnUNetTrainerDropout,
+    nnUNetTrainerDropoutSpatial,
+    nnUNetTrainerDropoutSpatialWCE,
+)
 from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
+from nnunet_kaz.trainers.relunet_trainer import RelUNetTrainer, RelUNetTrainer_fullTrain
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
 from nnunet_kaz.trainers.weighted_ce import XBoundNetTrainerWCE, nnUNetTrainerWCE
@@ -90,17 +95,24 @@ _loss_da = [
 _test_variant(_registry["XBoundNetTrainer_paperDA"], "XBoundNetTrainer_paperDA_debug",
               "XBoundNetTrainer_paperDA for tests.", DEBUG)
 _dropout = [variant(nnUNetTrainerDropout, f"nnUNetTrainerDropout_{tag}",
-                    f"nnU-Net's network with element-wise dropout p = {p} after every convolution (Gal & "
-                    "Ghahramani).", dropout_p=p)
+                    f"nnU-Net's network with element-wise dropout p = {p} after the nonlinearity of every "
+                    "convolution (Gal & Ghahramani).", dropout_p=p)
             for tag, p in DROPOUT_RATES.items()]
 _dropout += [variant(nnUNetTrainerDropoutSpatial, f"nnUNetTrainerDropoutSpatial_{tag}",
-                     f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after every "
-                     "convolution (paper 004).", dropout_p=p)
+                     f"nnU-Net's network with spatial (channel) dropout p = {p}, Dropout2d/3d, after the "
+                     "nonlinearity of every convolution (paper 004).", dropout_p=p)
+             for tag, p in DROPOUT_RATES.items()]
+# paper 004's recipe: spatial dropout and weighted cross-entropy (issue 22)
+_dropout += [variant(nnUNetTrainerDropoutSpatialWCE, f"nnUNetTrainerDropoutSpatialWCE_{tag}",
+                     f"Paper 004's recipe: spatial dropout p = {p} after the nonlinearity of every convolution "
+                     "and inverse-frequency weighted cross-entropy.", dropout_p=p)
              for tag, p in DROPOUT_RATES.items()]
 _test_variant(_registry["nnUNetTrainerDropout_p02"], "nnUNetTrainerDropout_p02_debug",
               "nnUNetTrainerDropout_p02 for tests.", DEBUG)
 _test_variant(_registry["nnUNetTrainerDropoutSpatial_p02"], "nnUNetTrainerDropoutSpatial_p02_debug",
               "nnUNetTrainerDropoutSpatial_p02 for tests.", DEBUG)
+_test_variant(_registry["nnUNetTrainerDropoutSpatialWCE_p02"], "nnUNetTrainerDropoutSpatialWCE_p02_debug",
+              "nnUNetTrainerDropoutSpatialWCE_p02 for tests.", DEBUG)
 
 # MHEX+ heads (issue 7, paper 003)
 _mhex = [
@@ -116,9 +128,20 @@ _mhex = [
             "12 iterations, features capped at 32.", DEMO, max_features=32),
 ]
 
+# Rel-UNet (issue 22, paper 002): its recipe, the full-train ensemble, seeds, short seeded test variants (the
+# debug one on SGDR_DEBUG's two cycles; the full-train one 10 epochs, so 60..100 % are 5 distinct epochs)
+_relunet = [
+    _test_variant(RelUNetTrainer, "RelUNetTrainer_debug", "RelUNetTrainer for tests: cycles end at 3, 6.",
+                  SGDR_DEBUG, **SGDR_DEBUG_ATTRS),
+    _test_variant(RelUNetTrainer_fullTrain, "RelUNetTrainer_fullTrain_debug", "RelUNetTrainer_fullTrain for tests: "
+                  "10 epochs (cycles end at 5, 10), snapshots after 6, 7, 8, 9, 10.",
+                  dict(num_epochs=10, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1),
+                  sgdr_cycle_ends=(5, 10)),
+]
+
 for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
               _registry["XBoundNetTrainer_debug"], _registry["XBoundNetTrainer_demo"],
-              _registry["XBoundNetTrainerSGDR_demo"]):
+              _registry["XBoundNetTrainerSGDR_demo"], RelUNetTrainer, RelUNetTrainer_fullTrain):
     _with_seeds(_base)
 
 globals().update(_registry)

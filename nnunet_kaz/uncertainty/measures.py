@@ -99,19 +99,29 @@ def class_entropy_bits(probs: np.ndarray) -> np.ndarray:
     return -_xlogx(probs).sum(0) / np.log(2.0)
 
 
-RELUNET_CONVENTIONS = ("authors", "cross")
+RELUNET_CONVENTIONS = ("authors", "eq9", "cross")
+# Rel-UNet's code divides by sum(abs(mask - cv2.dilate(mask))) on uint8 masks: mask - dilated wraps to 255 on
+# every ring pixel, so its denominator is 255 x |ring| and its score (100 / 255) x H_total / |ring|
+RELUNET_AUTHORS_FACTOR = 100.0 / 255.0
+
+
+def relunet_mask(p_class: np.ndarray) -> np.ndarray:
+    """Paper 002 eq. 5's binary image I: the mean class probability thresholded at 0.5. The paper does not say
+    which side 0.5 itself falls on; the authors' code (`estimate_uncertainty.py`) keeps p > 0.5."""
+    return np.asarray(p_class) > 0.5
 
 
 def relunet_contour(mask: np.ndarray, convention: str = "authors") -> np.ndarray:
     """The contour of paper 002 eq. 7-8: the voxels the dilation I* = I (+) A adds to the mask I.
 
-    - "authors" (Rel-UNet's code, `uncertainty_from_mask_and_valmap`: `cv2.dilate(mask, np.ones((3, 3)))` on
-      each 2D slice): A is a 3x3 square in the last two axes, so a 3D volume is dilated slice by slice along
-      its first axis (nnU-Net's (z, y, x) order) and nothing spreads across slices.
+    - "authors" and "eq9" (Rel-UNet's code: `cv2.dilate(mask, np.ones((3, 3)))` on each 2D slice): A is a 3x3
+      square in the last two axes, so a 3D volume is dilated slice by slice along its first axis (nnU-Net's
+      (z, y, x) order; the authors' code feeds cv2 a (x, y, z) array, whose last axis cv2 treats as channels)
+      and nothing spreads across slices.
     - "cross": A is the face-connected cross of the mask's dimensionality (radius 1), across slices in 3D.
     """
     mask = np.asarray(mask, dtype=bool)
-    if convention == "authors":
+    if convention in ("authors", "eq9"):
         structure = np.ones((1,) * (mask.ndim - 2) + (3, 3) if mask.ndim >= 2 else (3,), dtype=bool)
     elif convention == "cross":
         structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -124,24 +134,40 @@ def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.nd
                   convention: str = "authors") -> float:
     """Rel-UNet's per-image uncertainty score (paper 002 eq. 5-9) for one class.
 
-    I = (mean probability of the class >= 0.5) (eq. 5), H_total = sum of `entropy_map` over the image (eq. 6),
-    I* = I dilated by the structuring element A (eq. 7), contour = I* - I (eq. 8, the ring of voxels the
-    dilation adds), score = H_total / |contour| (eq. 9). `entropy_map` is the class entropy in bits (paper 002
-    eq. 4; for one class of a binary problem its binary entropy in bits).
+    I = (mean probability of the class > 0.5) (eq. 5, `relunet_mask`), H_total = sum of `entropy_map` over the
+    image (eq. 6), I* = I dilated by the structuring element A (eq. 7), contour = I* - I (eq. 8, the ring of
+    voxels the dilation adds), ratio = H_total / |contour| (eq. 9). `entropy_map` is the class entropy in bits
+    (paper 002 eq. 4; for one class of a binary problem its binary entropy in bits).
 
-    The paper leaves A and the scale open; by default (`convention="authors"`) they are the authors' code's
-    (AUTHORS_CODE.md): A = 3x3 square per 2D slice and the score multiplied by 100, the scale on which paper
-    002's Fig. 7 threshold (score < 0.5) was drawn. `convention="cross"`: a face-connected cross over all axes
-    and no factor (this package's earlier definition, the `relunet_score_cross` column). An explicit
-    `structure` replaces A (no factor). An empty mask has no contour: NaN.
+    The paper leaves A and the scale open; the conventions (columns of scores.csv):
+    - "authors" (default, `relunet_score`): the authors' code's value, A = 3x3 square per 2D slice and
+      (100 / 255) x the ratio: their `100 * sum(H) / sum(abs(mask - cv2.dilate(mask, 3x3)))` on uint8 masks,
+      where `mask - dilated` wraps to 255 on every ring pixel (AUTHORS_CODE.md). Paper 002's scores and Fig. 7's
+      threshold (score < 0.5: Dice > 80%) come from that code, so they live on this scale.
+    - "eq9" (`relunet_score_eq9`): the plain ratio of eq. 9 with the same A, 2.55 x the authors' value.
+    - "cross" (`relunet_score_cross`): the plain ratio with A = the face-connected cross over all axes.
+    An explicit `structure` replaces A (plain ratio). An empty mask has no contour: NaN.
     """
-    mask = np.asarray(p_class) >= 0.5
+    mask = relunet_mask(p_class)
     if structure is not None:
         contour, factor = ndimage.binary_dilation(mask, structure) & ~mask, 1.0
     else:
-        contour, factor = relunet_contour(mask, convention), (100.0 if convention == "authors" else 1.0)
-    n = int(contour.sum())
-    return float(factor * entropy_map.sum() / n) if n else float("nan")
+        contour = relunet_contour(mask, convention)
+        factor = RELUNET_AUTHORS_FACTOR if convention == "authors" else 1.0
+    n = int(np.count_nonzero(contour))
+    return float(factor * float(np.sum(entropy_map, dtype=np.float64)) / n) if n else float("nan")
+
+
+def relunet_scores(p_class: np.ndarray, entropy_map: np.ndarray) -> dict[str, float]:
+    """The three conventions of `relunet_score` at once, as scores.csv's columns `relunet_score` (authors),
+    `relunet_score_eq9` and `relunet_score_cross`: the mask, H_total and the 3x3-square ring are computed once."""
+    mask = relunet_mask(p_class)
+    total = float(np.sum(entropy_map, dtype=np.float64))
+    square = int(np.count_nonzero(relunet_contour(mask, "eq9")))
+    cross = int(np.count_nonzero(relunet_contour(mask, "cross")))
+    ratio = (lambda n: total / n if n else float("nan"))  # noqa: E731
+    return {"relunet_score": RELUNET_AUTHORS_FACTOR * ratio(square), "relunet_score_eq9": ratio(square),
+            "relunet_score_cross": ratio(cross)}
 
 
 def coefficient_of_variation(volumes: np.ndarray) -> float:

@@ -13,12 +13,12 @@ from nnunet_kaz.uncertainty.measures import (
     coefficient_of_variation,
     labelled_uncertainty,
     pooled_pairwise_dice,
-    relunet_score,
+    relunet_scores,
 )
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats
 
-SCORE_COLUMNS = ["case", "label", "mean_entropy", "relunet_score", "relunet_score_cross", "cv", "pairwise_dice",
-                 "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
+SCORE_COLUMNS = ["case", "label", "mean_entropy", "relunet_score", "relunet_score_eq9", "relunet_score_cross", "cv",
+                 "pairwise_dice", "pairwise_dice_pooled", "labelled_uncertainty", "n_members", "n_samples"]
 
 
 def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_sample: np.ndarray,
@@ -29,8 +29,10 @@ def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_s
     U(x) = -(1/N) sum_i p_i ln p_i of the class in the input geometry; `voxel_volume_ratio`: input voxels per
     voxel of the space the samples were added in (CV is in input voxels).
     - mean_entropy: mean binary entropy (bits) of the class probability;
-    - relunet_score: paper 002 eq. 5-9 in the authors' convention (3x3 square per slice, x100);
-      relunet_score_cross: face-connected cross, no factor;
+    - relunet_score: paper 002 eq. 5-9 as the authors' code computes it, (100 / 255) x total entropy / ring
+      pixels of a 3x3-square dilation per slice (the scale of paper 002's Fig. 7 threshold);
+      relunet_score_eq9: the plain eq. 9 ratio with the same ring; relunet_score_cross: the plain ratio with a
+      face-connected cross over all axes (`measures.relunet_score`);
     - cv: paper 004's Var(V_i) / (E[V_i] + 1);
     - pairwise_dice: paper 004's exact mean over sample pairs of their Dice; pairwise_dice_pooled: one pooled
       ratio over all pairs (biased upward when sample volumes differ);
@@ -38,8 +40,7 @@ def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_s
     """
     h_bits = by_slabs(binary_entropy, p_class)
     return {"mean_entropy": float(h_bits.mean()),
-            "relunet_score": relunet_score(p_class, h_bits, convention="authors"),
-            "relunet_score_cross": relunet_score(p_class, h_bits, convention="cross"),
+            **relunet_scores(p_class, h_bits),
             "cv": coefficient_of_variation(stats.volumes[:, channel] * voxel_volume_ratio),
             "pairwise_dice": stats.pairwise_dice(channel),
             "pairwise_dice_pooled": pooled_pairwise_dice(stats.counts[channel], stats.volumes[:, channel]),
