@@ -4,7 +4,7 @@
 Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nnUNetTrainerSGDR,
 nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004), nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads (paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX
-(`mhex_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
+(`mhex_trainer`). Paper 000's whole recipe: XBoundNetTrainerPaper (`paper_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
 
 Exports are lazy (nnunet_kaz.lazy), so `nnunet-kaz trainer-dir` does not import nnU-Net; `__all__` (and so
 `from nnunet_kaz.trainers import *`, which the trainer folder's module does) includes every named variant.
@@ -24,6 +24,7 @@ _EXPORTS = {
     "nnUNetTrainerWCE": "weighted_ce", "XBoundNetTrainerWCE": "weighted_ce", "WeightedCEMixin": "weighted_ce",
     "PaperDAMixin": "augmentation", "PaperDARecipe": "augmentation",
     "XBoundNetTrainerMHEX": "mhex_trainer", "nnUNetTrainerMHEX": "mhex_trainer", "MHEXTrainerMixin": "mhex_trainer",
+    "XBoundNetTrainerPaper": "paper_trainer",
 }
 _static_getattr, _static_dir = lazy_exports(__name__, {k: v for k, v in _EXPORTS.items() if "." not in v})
 
