@@ -146,7 +146,8 @@ def prepare(settings: NestedSettings, out: Path) -> Protocol:
     try:
         name = maybe_convert_to_dataset_name(settings.dataset)
     except (RuntimeError, ValueError):
-        raise KazError(f"no dataset {settings.dataset!r} in nnUNet_raw / nnUNet_preprocessed / nnUNet_results") from None
+        raise KazError(f"no dataset {settings.dataset!r} in nnUNet_raw / nnUNet_preprocessed / "
+                       "nnUNet_results") from None
     raw = nnunet_folder("nnUNet_raw") / name
     pre = nnunet_folder("nnUNet_preprocessed") / name
     for needed in (raw / "dataset.json", raw / "imagesTr", raw / "labelsTr"):

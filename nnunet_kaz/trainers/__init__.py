@@ -4,7 +4,8 @@
 Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nnUNetTrainerSGDR,
 nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004), nnUNetTrainerWCE / XBoundNetTrainerWCE (weighted cross-entropy), PaperDAMixin (paper
 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads (paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX
-(`mhex_trainer`). Paper 000's whole recipe: XBoundNetTrainerPaper (`paper_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
+(`mhex_trainer`). Paper 000's whole recipe: XBoundNetTrainerPaper (`paper_trainer`). Named variants (short
+schedules, dropout rates, seeds) live in `variants`.
 
 Exports are lazy (nnunet_kaz.lazy), so `nnunet-kaz trainer-dir` does not import nnU-Net; `__all__` (and so
 `from nnunet_kaz.trainers import *`, which the trainer folder's module does) includes every named variant.
