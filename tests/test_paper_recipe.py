@@ -99,10 +99,32 @@ def _fold0_split(tiny_kaz):
     return json.loads((tiny_kaz.root / "nnUNet_preprocessed" / KAZ / "splits_final.json").read_text())[0]
 
 
-def test_the_run_uses_paper_000s_recipe(tiny_kaz):
+@pytest.fixture(scope="module")
+def recorded_env(tiny_kaz, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ext_paper_trainers")
+    (folder / "kaz_paper_recorded.py").write_text(MODULE)
+    return dict(tiny_kaz.env, nnUNet_extTrainer=f"{trainer_dir()}:{folder}")
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_kaz, recorded_env):
+    """Train a recorded trainer once per module (real nnUNetv2_train, `nnUNet_n_proc_DA` workers)."""
+    done = {}
+
+    def train(trainer: str, n_proc: str):
+        if trainer not in done:
+            run(["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", trainer, "-p", "nnUNetTinyPlans", "-device",
+                 "cpu"], dict(recorded_env, nnUNet_n_proc_DA=n_proc))
+            done[trainer] = tiny_kaz.results(trainer)
+        return done[trainer]
+    return train
+
+
+def test_the_run_uses_paper_000s_recipe(tiny_kaz, recorded):
     """Optimiser, weight decay, batch size, single output, loss, augmentation and epoch length as the stock
-    nnUNetv2_train ran them (debug.json), against the paper's numbers and the fold's split."""
-    folder = tiny_kaz.train("XBoundNetTrainerPaper_debug")
+    nnUNetv2_train ran them (debug.json of the recorded subclass below, which changes only the epoch count and
+    the patiences), against the paper's numbers and the fold's split."""
+    folder = recorded("XBoundNetTrainerPaper_recorded", "0")
     debug = _debug(folder)
     plans = json.loads((tiny_kaz.root / "nnUNet_preprocessed" / KAZ / "nnUNetTinyPlans.json").read_text())
     assert plans["configurations"]["2d"]["batch_size"] == 2  # the plans say 2: the 4 below is the recipe's
@@ -120,28 +142,17 @@ def test_the_run_uses_paper_000s_recipe(tiny_kaz):
     assert debug["num_val_iterations_per_epoch"] == str(math.ceil(len(split["val"]) / 4))
     assert f"over {len(split['train'])} cases, batch 4" in debug["data_passes"]
     assert json.loads((folder / "fold_0" / "split.json").read_text()) == {k: sorted(v) for k, v in split.items()}
-    # the final checkpoint holds the network nnU-Net's inference rebuilds with one output
-    final = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["trainer_name"] == "XBoundNetTrainerPaper_debug" and final["current_epoch"] == 2
-
-
-@pytest.fixture(scope="module")
-def recorded_env(tiny_kaz, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ext_paper_trainers")
-    (folder / "kaz_paper_recorded.py").write_text(MODULE)
-    return dict(tiny_kaz.env, nnUNet_extTrainer=f"{trainer_dir()}:{folder}")
+    assert debug["plateau_patience"] == str(PLATEAU) and debug["early_stopping_patience"] == str(STOP)
 
 
 @pytest.mark.parametrize("trainer,n_proc", [("XBoundNetTrainerPaper_recorded", "0"),
                                             ("XBoundNetTrainerPaper_recordedShuffled", "2")])
-def test_epochs_are_passes_and_the_plateau_and_early_stopping_count_them(tiny_kaz, recorded_env, trainer, n_proc):
+def test_epochs_are_passes_and_the_plateau_and_early_stopping_count_them(tiny_kaz, recorded, trainer, n_proc):
     """Every epoch trains on each of the fold's training slices exactly once (sorted, or a new permutation per
     pass; also with two augmentation workers) and validates on each validation slice once; the learning rate
     drops and training stops at the epochs Keras' callbacks give for the logged losses, so after the same number
     of passes over the training slices; the restored weights are the best epoch's."""
-    run(["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", trainer, "-p", "nnUNetTinyPlans", "-device", "cpu"],
-        dict(recorded_env, nnUNet_n_proc_DA=n_proc))
-    folder = tiny_kaz.results(trainer) / "fold_0"
+    folder = recorded(trainer, n_proc) / "fold_0"
     split = _fold0_split(tiny_kaz)
     rows = [json.loads(line) for line in (folder / "record.jsonl").read_text().splitlines()]
     ref_lrs, best = keras_reference(VAL_LOSSES, PLATEAU, STOP)
