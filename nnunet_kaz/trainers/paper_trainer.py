@@ -188,17 +188,10 @@ class XBoundNetTrainerPaper(PaperDAMixin, XBoundNetTrainer_Adam):
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         # nnU-Net logs the plain mean of the batches' losses; batch i's loss scaled by k * n_i / N (k batches, N
-        # cases) makes that mean the batch-size-weighted one, Keras' validation loss (`weighted_loss`)
+        # cases) makes that mean the batch-size-weighted one, Keras' validation loss
         sizes = np.array([o.pop("n_cases") for o in val_outputs], dtype=float)
         scale = len(sizes) * sizes / sizes.sum()
         super().on_validation_epoch_end([{**o, "loss": o["loss"] * w} for o, w in zip(val_outputs, scale)])
 
 
-def weighted_loss(losses, sizes) -> float:
-    """The mean of per-batch losses weighted by their batch sizes, as Keras averages a validation loss over
-    batches of unequal size (a reference for the scaling in `on_validation_epoch_end`)."""
-    losses, sizes = np.asarray(losses, dtype=float), np.asarray(sizes, dtype=float)
-    return float((losses * sizes).sum() / sizes.sum())
-
-
-__all__ = ["XBoundNetTrainerPaper", "EpochPassDataLoader", "weighted_loss", "SPLIT_FILE"]
+__all__ = ["XBoundNetTrainerPaper", "EpochPassDataLoader", "SPLIT_FILE"]
