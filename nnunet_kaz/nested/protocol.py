@@ -109,12 +109,12 @@ class Protocol:
 
 
 def methods_of(s: NestedSettings) -> list[Method]:
-    out = [Method("ensemble", f"XBoundNet++ ensemble ({len(s.seeds)} seeds x {s.mc} MC), calibrated + post-processed"
-                  if s.mc else f"XBoundNet++ ensemble ({len(s.seeds)} seeds), calibrated + post-processed",
-                  list(s.seeds), s.mc)]
+    """The ensemble (every seed x MC) and, unless switched off, the first seed's single model without MC."""
+    samples = f"{len(s.seeds)} seeds x {s.mc} MC" if s.mc else f"{len(s.seeds)} seeds"
+    out = [Method("ensemble", f"{s.trainer} ensemble ({samples}), calibrated + post-processed", list(s.seeds), s.mc)]
     if s.single_model and (len(s.seeds) > 1 or s.mc > 0):
-        out.insert(0, Method(f"single_seed{s.seeds[0]}", f"single model (seed {s.seeds[0]}), calibrated + "
-                             "post-processed", [s.seeds[0]], 0))
+        out.insert(0, Method(f"single_seed{s.seeds[0]}", f"{s.trainer} single model (seed {s.seeds[0]}), "
+                             "calibrated + post-processed", [s.seeds[0]], 0))
     return out
 
 
@@ -161,8 +161,12 @@ def prepare(settings: NestedSettings, out: Path) -> Protocol:
     if bad:
         raise KazError(f"outer fold(s) {bad} do not exist; {pre / 'nested_cv' / 'nested_cv.json'} has {n_outer}",
                        option="outer_folds")
-    chain = (json.loads(Path(settings.postprocessing).read_text()) if settings.postprocessing
-             else default_chain(dataset_json, raw))
+    if settings.postprocessing:
+        from nnunet_kaz.postprocessing import PostprocessingChain
+
+        chain = PostprocessingChain.load(settings.postprocessing).to_dict()  # checked before any prediction
+    else:
+        chain = default_chain(dataset_json, raw)
     proto = Protocol(settings, Path(out), name, raw, dataset_json, nested, folds, methods_of(settings), chain)
     missing, leaks, unchecked = [], [], []
     for k in folds:
