@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "nnunet_kaz.conformal.commands",
     "nnunet_kaz.evaluation.commands",
     "nnunet_kaz.explain.commands",
+    "nnunet_kaz.nested.commands",
     "nnunet_kaz.demo",
 )
 

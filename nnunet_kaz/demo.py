@@ -28,7 +28,12 @@ Every step runs the command a user would type (printed before it runs), inside O
    `nnUNetv2_train ... -p nnUNetXBoundNetPlans -tr XBoundNetTrainer_demo_seed0` (fold 0) -> `nnunet-kaz predict --mc`
    on fold 0's validation cases -> `nnunet-kaz evaluate --kits23 --uncertainty --scores --raters` (region Dice and
    Surface Dice, failure detection, rater agreement);
-11. `report.html`, self-contained.
+11. paper 000 reproduced in miniature (`run_paper000`): `nnunet-kaz convert-kaz --nested --normalization
+   rgb_to_0_1` of the same slices (every patient in the nested CV) -> `nnUNetv2_plan_and_preprocess` ->
+   `nnunet-kaz nested-cv jobs` (2 seeds x outer folds 0 and 1 of 5) -> each job line, i.e. the stock
+   `nnUNetv2_train ... -tr XBoundNetTrainerPaper_demo_seedS` -> `nnunet-kaz nested-cv evaluate` (per outer fold:
+   calibration and conformal on val_k, test_k predicted by 2 seeds x MC, post-processed, evaluated; pooled Table 1);
+12. `report.html`, self-contained.
 OUT/nnUNet_raw, OUT/nnUNet_preprocessed and OUT/nnUNet_results are the nnU-Net folders. A step whose outputs
 exist is skipped, so a second run reuses finished work (`--fresh` starts over).
 """
@@ -62,6 +67,12 @@ K23_CONFIG = "3d_fullres"
 K23_PLANS = "nnUNetXBoundNetPlans"
 K23_TRAINER = "XBoundNetTrainer_demo_seed0"
 NO_TTA = "--disable-tta"  # paper 000's inference (Keras) does not mirror; nnU-Net's and Rel-UNet's does
+# paper 000 in miniature: its own dataset (nested splits, x / 255), 2 of the 5 outer folds, 2 seeds
+P000_ID = 504
+P000_NAME = "KazPhantomNested"
+P000_DATASET = f"Dataset{P000_ID:03d}_{P000_NAME}"
+P000_TRAINER = "XBoundNetTrainerPaper_demo"
+P000_OUTER = (0, 1)
 
 
 def seeded(seed: int) -> str:
@@ -377,6 +388,45 @@ class Demo:
               f"{r['n_cases']} cases")
         return out
 
+    # --- paper 000 in miniature ----------------------------------------------------------------------------
+    @property
+    def p000(self) -> Path:
+        return self.out / "paper000"
+
+    def run_paper000(self) -> Path:
+        """Paper 000's nested protocol with its training recipe, in miniature (module docstring, step 11): the
+        commands of the README's "Reproduce paper 000" on the phantom's slices."""
+        bmp, dataset = self.out / "kaz_bmp", self.raw / P000_DATASET
+        if self.step("11. Paper 000 in miniature: the slices again, splits_final.json = the nested CV's outer folds "
+                     "(64/16/20 % of the patients), pixel values x / 255", dataset / "dataset.json"):
+            self.run(["nnunet-kaz", "convert-kaz", "--images", str(bmp / "images"), "--masks", str(bmp / "masks"),
+                      "-d", str(P000_ID), "--name", P000_NAME, "--resize", str(self.size), "--nested",
+                      "--normalization", "rgb_to_0_1"])
+        if self.step("11. Plan and preprocess (stock nnU-Net)", self.pre / P000_DATASET / f"{PLANS}.json"):
+            self.run(["nnUNetv2_plan_and_preprocess", "-d", str(P000_ID), "-c", CONFIG, "-np", "2"], quiet=True,
+                     nnUNet_n_proc_DA="1")
+        common = ["-d", str(P000_ID), "-tr", P000_TRAINER, "--seeds", ",".join(map(str, SEEDS)),
+                  "--outer-folds", ",".join(map(str, P000_OUTER))]
+        jobs = self.p000 / "train_jobs.txt"
+        if self.step("11. The training job list (also as a Slurm array: paper000/train_array.sbatch)", jobs):
+            self.run(["nnunet-kaz", "nested-cv", "jobs", *common, "-device", "cpu", "-o", str(self.p000)],
+                     quiet=True)
+        for line in jobs.read_text().splitlines():
+            cmd = shlex.split(line)
+            fold, trainer = cmd[3], cmd[cmd.index("-tr") + 1]
+            done = self.res / P000_DATASET / f"{trainer}__{PLANS}__{CONFIG}" / f"fold_{fold}" / "checkpoint_final.pth"
+            if self.step(f"11. Train outer fold {fold} with paper 000's recipe ({trainer}, epochs = passes over the "
+                         "training slices)", done):
+                self.run(cmd, quiet=True)
+        evaluation = self.p000 / "evaluation"
+        if self.step("11. Per outer fold: predict val_k, calibrate, conformal, predict test_k (2 seeds x MC, no "
+                     "mirroring), post-process, evaluate; pooled Table 1", evaluation / "table1.csv"):
+            self.run(["nnunet-kaz", "nested-cv", "evaluate", *common, "--mc", str(self.mc // 2), "--postprocessing",
+                      str(self.out / "postprocessing.json"), "-device", "cpu", "-q", "-o", str(evaluation)],
+                     quiet=True)
+        print((evaluation / "table1.md").read_text())
+        return evaluation
+
     def report(self, folders: dict[str, Path], comparison: Path, gradcam: Path,
                evaluations: dict[str, Path]) -> Path:
         from nnunet_kaz.demo_report import build_report
@@ -401,7 +451,8 @@ class Demo:
               f"mask / ground truth {fnr['mask_vs_gt'].mean():.2f} (means over slices)")
         gradcam = self.explain()
         self.kits23()
-        self.step("11. Write the report")
+        self.run_paper000()
+        self.step("12. Write the report")
         report = self.report(folders, comparison, gradcam, evaluations)
         print(f"\nDemo finished in {time.time() - self.t0:.0f}s. Report: {report}")
         return report

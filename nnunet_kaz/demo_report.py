@@ -288,6 +288,7 @@ def build_report(demo, folders: dict[str, Path], comparison: Path, gradcam: Path
                  "dilated); mean over test slices, and pooled over all their pixels.", "note")
 
     kits23_section(rep, demo)
+    paper000_section(rep, demo)
 
     rep.heading("Layer-wise Grad-CAM (paper 000 section 2.2)", "n = 1 test slice; activation maps scaled to [0, 1]")
     rep.figure(gradcam, "Grad-CAM of the ablation-zone logits over the annotation, block by block")
@@ -421,3 +422,57 @@ def kits23_section(rep: HtmlReport, demo) -> None:
     if cases:
         rep.figure(kits23_figure(demo.k23_dataset, preds, cases[0], demo.out / "kits23_example.png"),
                    "One validation case of the 3D part")
+
+
+def table1_display(table: pd.DataFrame) -> pd.DataFrame:
+    """table1.csv in paper 000's Table 1 layout: one row per method, `mean±SD` cells."""
+    from nnunet_kaz.evaluation.table1 import DISTANCE_COLUMNS, TABLE1_COLUMNS
+
+    unit = table["unit"].iloc[0] if "unit" in table.columns else "pixels"
+    rows = []
+    for r in table.to_dict("records"):
+        row = {"Method": r["method"], "slices": r["n_slices"]}
+        for col, name in TABLE1_COLUMNS:
+            head = f"{name} ({unit})" if col in DISTANCE_COLUMNS else name
+            row[head] = f"{r[col + '_mean']:.2f}±{r[col + '_sd']:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper000_section(rep: HtmlReport, demo) -> None:
+    from nnunet_kaz.demo import CONFIG, P000_DATASET, P000_OUTER, P000_TRAINER, PLANS, SEEDS
+
+    evaluation = demo.p000 / "evaluation"
+    if not (evaluation / "table1.csv").is_file():
+        return
+    protocol = json.loads((evaluation / "protocol.json").read_text())
+    rep.heading("Paper 000 reproduced in miniature: nested cross-validation and Table 1")
+    sizes = {k: {r: len(v) for r, v in c.items()} for k, c in protocol["cases"].items()}
+    rep.text(f"The README's \"Reproduce paper 000\" commands on the phantom's slices: convert-kaz --nested "
+             f"--normalization rgb_to_0_1 ({P000_DATASET}: nnU-Net's splits_final.json holds the nested CV's outer "
+             "folds, 64/16/20 % of the patients), nested-cv jobs (the stock nnUNetv2_train lines, also as a Slurm "
+             f"array), {len(SEEDS)} seeds x outer folds {', '.join(map(str, P000_OUTER))} of 5 trained with "
+             f"{P000_TRAINER} (paper 000's recipe: Adam 1e-4, batch 4, paper augmentation, one output, epochs = "
+             "passes over the training slices, plateau and early stopping on the validation loss; here at most 6 "
+             "passes), then nested-cv evaluate: per outer fold the validation slices predicted, logistic calibration "
+             "and conformal risk control fitted on them, the test slices predicted by the fold's members x "
+             f"{protocol['settings']['mc']} MC samples (no mirroring), calibrated and post-processed, evaluated; and "
+             "the test slices of both outer folds pooled into one evaluation. Slices per outer fold (train / val / "
+             "test): " + "; ".join(f"fold {k}: {v['train']} / {v['val']} / {v['test']}" for k, v in sizes.items())
+             + ".")
+    rep.table(table1_display(pd.read_csv(evaluation / "table1.csv")))
+    rep.text("Paper 000's Table 1 layout (table1.md; numbers in table1.csv): mean ± SD (ddof 1) over the pooled test "
+             "slices; distances in pixels of the network's grid; MSD signed, negative when the prediction's surface "
+             "lies inside the annotation. The single model is the first seed without MC dropout; both rows have "
+             "their own calibration fitted on each fold's validation slices. A phantom, two of five outer folds and "
+             "trainings of at most six epochs: the layout and the protocol, not the paper's numbers.", "note")
+    for k in P000_OUTER:
+        summary = evaluation / f"fold_{k}" / "ensemble" / "evaluation" / "conformal_summary.csv"
+        if summary.is_file():
+            rep.text(f"Outer fold {k}: the conformal masks' realised FNR on its test slices (alpha "
+                     f"{protocol['settings']['alpha']}, fitted on its validation slices):", "note")
+            rep.table(pd.read_csv(summary), digits=4)
+    trainer = f"{P000_TRAINER}_seed{SEEDS[0]}"
+    rep.figure(demo.res / P000_DATASET / f"{trainer}__{PLANS}__{CONFIG}" / f"fold_{P000_OUTER[0]}" / "progress.png",
+               f"{trainer}, outer fold {P000_OUTER[0]}: losses and learning rate per epoch (= pass over the "
+               "training slices)")

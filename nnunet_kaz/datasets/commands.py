@@ -84,9 +84,9 @@ def _convert_kaz(args: argparse.Namespace) -> int:
 
     out = convert_kaz(args.images, args.masks, args.id, args.name, args.pattern or DEFAULT_PATTERN, _size(args.resize, "--resize"),
                       args.truth, n_folds=args.folds, seed=args.seed, overwrite=args.overwrite,
-                      test_patients=args.test_patients)
+                      test_patients=args.test_patients, nested=args.nested, normalization=args.normalization)
     print(f"wrote {out} and patient-wise splits in $nnUNet_preprocessed/{out.name}/ "
-          f"(splits_final.json, nested_cv/)")
+          f"(splits_final.json{' = the nested outer folds' if args.nested else ''}, nested_cv/)")
     return 0
 
 
@@ -111,8 +111,10 @@ def _convert_kits23(args: argparse.Namespace) -> int:
 def _splits(args: argparse.Namespace) -> int:
     from nnunet_kaz.datasets.splits import write_dataset_splits
 
-    out = write_dataset_splits(args.d, args.pattern, args.folds, args.seed, overwrite=args.overwrite)
-    print(f"wrote {out['splits_final']} and {out['nested_cv'].parent}/")
+    out = write_dataset_splits(args.d, args.pattern, args.folds, args.seed, overwrite=args.overwrite,
+                               nested=args.nested)
+    what = " (the nested CV's outer folds: nnUNetv2_train D C k trains outer fold k)" if args.nested else ""
+    print(f"wrote {out['splits_final']}{what} and {out['nested_cv'].parent}/")
     return 0
 
 
@@ -135,6 +137,12 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5, help="patient-wise folds (default 5)")
     p.add_argument("--test-patients", type=int, default=0, help="hold the last K patients out as imagesTs/labelsTs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient shuffling (default 0)")
+    p.add_argument("--nested", action="store_true",
+                   help="splits_final.json = the nested CV's outer folds (paper 000: 64/16/20 %% train/val/test "
+                        "patients), so nnUNetv2_train D 2d k trains outer fold k and never sees its test patients")
+    p.add_argument("--normalization", choices=("zscore", "rgb_to_0_1"), default="zscore",
+                   help="nnU-Net channel name: zscore (per-image z-score, default) or rgb_to_0_1 (x / 255, paper "
+                        "000's [0, 1] scaling as its authors' code)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset and its splits")
     p.set_defaults(func=_convert_kaz)
 
@@ -180,5 +188,8 @@ def register_converters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", help="regex with a group (?P<patient>...) matched at the start of case names")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nested", action="store_true",
+                   help="splits_final.json = the nested CV's outer folds (train_k / val_k; test_k only in "
+                        "nested_cv/nested_cv.json), so nnUNetv2_train D C k trains outer fold k")
     p.add_argument("--overwrite", action="store_true", help="replace an existing splits_final.json")
     p.set_defaults(func=_splits)

@@ -26,13 +26,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from nnunet_kaz.datasets.raw import dataset_json, raw_target
-from nnunet_kaz.datasets.splits import patient_groups, write_patient_splits
+from nnunet_kaz.datasets.splits import check_nested_patients, patient_groups, write_patient_splits
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.io_utils import atomic_dir, write_json_atomic
 
 DEFAULT_PATTERN = r"(?P<patient>.+?)_a(?P<angle>\d+(?:\.\d+)?)"
 IMAGE_SUFFIXES = (".bmp", ".png", ".tif", ".tiff")
 META_FILE = "kaz_meta.json"
+# nnU-Net channel names for 8-bit KAZ slices: per-image z-score, or x / 255 (nnU-Net's RGBTo01Normalization, which
+# accepts one grey channel: the authors' `x / 255.0`); nnU-Net's CT scheme would clip to the zone's percentiles
+NORMALIZATIONS = ("zscore", "rgb_to_0_1")
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -154,13 +157,18 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
                 pattern: str = DEFAULT_PATTERN, resize: tuple[int, int] | None = None,
                 truth: str | Path | None = None, raw_root: str | Path | None = None,
                 preprocessed_root: str | Path | None = None, n_folds: int = 5, seed: int = 0,
-                overwrite: bool = False, test_patients: int = 0) -> Path:
+                overwrite: bool = False, test_patients: int = 0, nested: bool = False,
+                normalization: str = "zscore") -> Path:
     """Convert KAZ slices to `raw_root/DatasetXXX_Name` and write patient-wise splits under
     `preprocessed_root/DatasetXXX_Name`. Roots default to $nnUNet_raw and $nnUNet_preprocessed.
 
     `resize` (H, W) resizes every slice (paper 000: 256 x 256); None keeps the original sizes.
     Case names are `{name}_{patient}_{angle_tag}`. `test_patients` = K holds the last K patients (sorted by
-    id) out: their slices go to imagesTs/labelsTs(/truthTs) and into no fold. Returns the raw dataset folder.
+    id) out: their slices go to imagesTs/labelsTs(/truthTs) and into no fold. `nested=True` makes
+    splits_final.json the nested CV's outer folds (`splits.write_patient_splits`). `normalization` is the
+    channel name nnU-Net normalises by (NORMALIZATIONS): "zscore" (default, per-image z-score) or
+    "rgb_to_0_1" (x / 255, paper 000 section 3.1's [0, 1] scaling as the authors' code does it).
+    Returns the raw dataset folder.
     """
     from nnunet_kaz.paths import nnunet_folder
 
@@ -171,6 +179,9 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
     splits_file = pre_root / folder / "splits_final.json"
     if splits_file.exists() and not overwrite:
         raise KazError(f"{splits_file} exists; pass --overwrite to replace the splits")
+    if normalization not in NORMALIZATIONS:
+        raise KazError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}",
+                       option="normalization")
     if resize is not None and (len(resize) != 2 or min(resize) < 8):
         raise KazError(f"--resize takes a size >= 8 (N or H W), got {resize}")
     records = scan_kaz_folders(Path(images), Path(masks), pattern, Path(truth) if truth else None)
@@ -178,7 +189,11 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
     if not 0 <= test_patients < len(patients):
         raise KazError(f"--test-patients {test_patients}: need fewer than the {len(patients)} patients found")
     held_out = set(patients[len(patients) - test_patients:]) if test_patients else set()
-    patient_groups([r["patient"] for r in records if r["patient"] not in held_out], n_folds, seed)
+    fold_patients = [r["patient"] for r in records if r["patient"] not in held_out]
+    if nested:  # the stricter check first: its message names the nested CV's needs
+        check_nested_patients(len(set(fold_patients)), n_folds)
+    patient_groups(fold_patients, n_folds, seed)
+    check_nested_patients(len(set(fold_patients)), n_folds)  # nested_cv/ is always written
 
     cases: dict[str, dict] = {}
     with atomic_dir(target) as tmp:
@@ -206,14 +221,14 @@ def convert_kaz(images: str | Path, masks: str | Path, dataset_id: int, name: st
             if "truth" in rec:
                 cases[case]["truth"] = str(Path(rec["truth"]).resolve())
         n_train = sum(c["split"] == "train" for c in cases.values())
-        write_json_atomic(dataset_json({"0": "zscore"}, {"background": 0, "ablation_zone": 1}, n_train, ".png",
+        write_json_atomic(dataset_json({"0": normalization}, {"background": 0, "ablation_zone": 1}, n_train, ".png",
                                        name, "KAZ radial CT slices converted by nnunet-kaz convert-kaz"),
                           tmp / "dataset.json")
         write_json_atomic({"pattern": pattern, "resize": list(resize) if resize else None,
                            "resampling": {"image": "PIL Lanczos (a=3)", "mask": "nearest"},
                            "size_order": "H, W (rows, columns)", "cases": cases}, tmp / META_FILE)
     write_patient_splits(pre_root / folder, {c: v["patient"] for c, v in cases.items() if v["split"] == "train"},
-                         n_folds, seed)
+                         n_folds, seed, nested)
     return target
 
 

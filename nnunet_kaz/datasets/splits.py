@@ -7,13 +7,18 @@ every split here groups cases by patient: no patient is ever on both sides of a 
   on the others (80/20). This is what nnU-Net's `nnUNetv2_train D 2d k` reads from `splits_final.json`.
 - `nested_cv_splits`: paper 000 section 3.1's nested patient-wise CV. Outer fold k holds out patient group k
   as its test set (20 %); of the remaining patients a seeded 20 % are its validation set (16 % overall) and
-  the rest train (64 %). Proportions are exact up to rounding to whole patients.
+  the rest train (64 %). Proportions are exact up to rounding to whole patients. With `nested=True`
+  (`splits --nested`, `convert-kaz --nested`) nnU-Net's own `splits_final.json` holds these outer folds, so the
+  stock `nnUNetv2_train D 2d k` trains outer fold k on train_k, validates on val_k and never sees test_k, which
+  stays in `nested_cv/nested_cv.json` for the protocol's prediction and evaluation (`nnunet-kaz nested-cv`).
 
 Groups come from shuffling the sorted patient ids with `seed` and cutting the list into k nearly equal parts
 (sizes differ by at most one patient); case lists in the outputs are sorted.
 """
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
@@ -53,22 +58,41 @@ def patient_kfold_splits(case_patient: Mapping[str, str], n_folds: int = 5, seed
     return splits
 
 
+def min_nested_patients(n_outer: int) -> int:
+    """The fewest patients a nested CV with `n_outer` outer folds can split so that every outer fold keeps at least
+    one patient for training, one for validation and one for testing (the largest test group is ceil(n / n_outer))."""
+    n = max(n_outer, 3)
+    while n - math.ceil(n / n_outer) < 2:
+        n += 1
+    return n
+
+
+def check_nested_patients(n_patients: int, n_outer: int) -> None:
+    """One KazError when `n_patients` cannot be split into `n_outer` outer folds of train / validation / test."""
+    if n_outer < 2:
+        raise KazError(f"a nested CV needs at least 2 outer folds, got {n_outer}")
+    need = min_nested_patients(n_outer)
+    if n_patients < need:
+        raise KazError(f"a nested CV with {n_outer} outer folds (train / validation / test = 64 / 16 / 20 % of the "
+                       f"patients, paper 000 section 3.1) needs at least {need} patients, so that every outer fold "
+                       f"keeps one patient each for training, validation and testing; found {n_patients}")
+
+
 def nested_cv_splits(case_patient: Mapping[str, str], n_outer: int = 5, val_fraction: float = 0.2,
                      seed: int = 0) -> list[dict]:
     """Paper 000 section 3.1 nested patient-wise CV: per outer fold, cases and patients of train / val / test.
 
     Outer fold k: test = patient group k; validation = round(val_fraction * remaining) of the remaining
     patients (at least one), drawn with `seed + 1 + k`; train = the rest. With 5 outer folds and
-    val_fraction 0.2 this is 64 / 16 / 20 % of patients.
+    val_fraction 0.2 this is 64 / 16 / 20 % of patients. Too few patients (`check_nested_patients`): KazError.
     """
     by = _cases_by_patient(case_patient)
+    check_nested_patients(len(by), n_outer)
     groups = patient_groups(list(by), n_outer, seed)
     folds = []
     for k, test_patients in enumerate(groups):
         rest = sorted(p for j, g in enumerate(groups) if j != k for p in g)
-        n_val = max(1, int(round(val_fraction * len(rest))))
-        if n_val >= len(rest):
-            raise KazError(f"nested CV needs at least 2 patients outside each test fold; found {len(rest)}")
+        n_val = min(len(rest) - 1, max(1, int(round(val_fraction * len(rest)))))
         pick = np.random.default_rng(seed + 1 + k).permutation(len(rest))[:n_val]
         val_patients = sorted(rest[i] for i in pick)
         train_patients = sorted(set(rest) - set(val_patients))
@@ -82,30 +106,34 @@ def nested_cv_splits(case_patient: Mapping[str, str], n_outer: int = 5, val_frac
 
 
 def write_patient_splits(preprocessed_dataset_dir: str | Path, case_patient: Mapping[str, str],
-                         n_folds: int = 5, seed: int = 0) -> dict[str, Path]:
+                         n_folds: int = 5, seed: int = 0, nested: bool = False) -> dict[str, Path]:
     """Write the patient-wise splits of one dataset into its nnU-Net preprocessed folder.
 
-    - `splits_final.json`: `patient_kfold_splits` (what `nnUNetv2_train D 2d k` uses for fold k);
-    - `nested_cv/splits_final.json`: the nested CV's outer folds in nnU-Net's format (entry k = outer fold
-      k's train and validation cases); install it as the dataset's `splits_final.json` to train outer fold k
-      as nnU-Net fold k;
+    - `splits_final.json`: `patient_kfold_splits` (what `nnUNetv2_train D 2d k` uses for fold k), or with
+      `nested=True` the nested CV's outer folds (entry k = outer fold k's train and validation cases), so that
+      `nnUNetv2_train D 2d k` trains outer fold k and never sees its test patients;
+    - `nested_cv/splits_final.json`: the nested CV's outer folds in nnU-Net's format (what `nested=True` installs);
     - `nested_cv/test_fold{k}.txt`: outer fold k's test cases, one per line;
-    - `nested_cv/nested_cv.json`: patients and cases of every role per outer fold.
-    Returns the written paths by name.
+    - `nested_cv/nested_cv.json`: patients and cases of every role per outer fold, and which splits
+      `splits_final.json` holds (`"splits_final": "nested"` or `"patient_kfold"`).
+    Every split is computed (and too few patients refused) before anything is written. Returns the written
+    paths by name.
     """
     base = Path(preprocessed_dataset_dir)
-    plain = patient_kfold_splits(case_patient, n_folds, seed)
-    nested = nested_cv_splits(case_patient, n_folds, 0.2, seed)
+    nested_folds = nested_cv_splits(case_patient, n_folds, 0.2, seed)
+    nested_splits = [{"train": f["train"], "val": f["val"]} for f in nested_folds]
+    plain = nested_splits if nested else patient_kfold_splits(case_patient, n_folds, seed)
     out = {"splits_final": base / "splits_final.json", "nested_splits": base / "nested_cv" / "splits_final.json",
            "nested_cv": base / "nested_cv" / "nested_cv.json"}
     write_json_atomic(plain, out["splits_final"])
-    write_json_atomic([{"train": f["train"], "val": f["val"]} for f in nested], out["nested_splits"])
+    write_json_atomic(nested_splits, out["nested_splits"])
     write_json_atomic({"seed": seed, "n_outer": n_folds, "proportions": "train 64 % / val 16 % / test 20 % "
-                       "of patients (paper 000 section 3.1)", "folds": nested}, out["nested_cv"])
+                       "of patients (paper 000 section 3.1)", "splits_final": "nested" if nested else "patient_kfold",
+                       "folds": nested_folds}, out["nested_cv"])
     for stale in (base / "nested_cv").glob("test_fold*.txt"):  # from an earlier run with more folds
-        if stale.stem[len("test_fold"):] not in {str(k) for k in range(len(nested))}:
+        if stale.stem[len("test_fold"):] not in {str(k) for k in range(len(nested_folds))}:
             stale.unlink()
-    for k, fold in enumerate(nested):
+    for k, fold in enumerate(nested_folds):
         out[f"test_fold{k}"] = base / "nested_cv" / f"test_fold{k}.txt"
         with atomic_path(out[f"test_fold{k}"]) as tmp:
             tmp.write_text("".join(c + "\n" for c in fold["test"]))
@@ -117,14 +145,14 @@ CASE_PATIENT_PATTERN = r"^.+?_(?P<patient>.+)_a\d+"
 
 def write_dataset_splits(dataset_id: int, pattern: str | None = None, n_folds: int = 5, seed: int = 0,
                          raw_root: str | Path | None = None, preprocessed_root: str | Path | None = None,
-                         overwrite: bool = False) -> dict[str, Path]:
-    """Patient-wise splits for an existing raw dataset (`write_patient_splits`).
+                         overwrite: bool = False, nested: bool = False) -> dict[str, Path]:
+    """Patient-wise splits for an existing raw dataset (`write_patient_splits`; `nested=True` puts the nested
+    CV's outer folds into splits_final.json).
 
     Patients come from the dataset's `kaz_meta.json` when present (convert-kaz), otherwise from
     `pattern` (named group `patient`) matched at the start of each case name; default
     CASE_PATIENT_PATTERN reads `KAZ_P003_a045` as patient P003 (the phantom's and convert-kaz's names).
     """
-    import json
     import re
 
     from nnunet_kaz.paths import nnunet_folder
@@ -160,4 +188,37 @@ def write_dataset_splits(dataset_id: int, pattern: str | None = None, n_folds: i
         case_patient = {c: rx.match(c).group("patient") for c in cases}
     if (pre_root / folder.name / "splits_final.json").exists() and not overwrite:
         raise KazError(f"{pre_root / folder.name / 'splits_final.json'} exists; pass --overwrite to replace it")
-    return write_patient_splits(pre_root / folder.name, case_patient, n_folds, seed)
+    return write_patient_splits(pre_root / folder.name, case_patient, n_folds, seed, nested)
+
+
+def read_nested_cv(preprocessed_dataset_dir: str | Path, require_installed: bool = True) -> dict:
+    """`nested_cv/nested_cv.json` of a dataset, checked against its `splits_final.json`: with `require_installed`
+    the file nnU-Net trains from must hold the nested outer folds (entry k = train_k / val_k), else KazError
+    naming the command that installs them. Also re-checks what the protocol relies on: per outer fold the three
+    case and patient sets are disjoint, and every patient is tested exactly once."""
+    base = Path(preprocessed_dataset_dir)
+    path = base / "nested_cv" / "nested_cv.json"
+    if not path.is_file():
+        raise KazError(f"{path} not found; write the nested CV first (nnunet-kaz splits -d ID --nested, or "
+                       "convert-kaz ... --nested)")
+    info = json.loads(path.read_text())
+    folds = info["folds"]
+    tested: list[str] = []
+    for k, f in enumerate(folds):
+        for what in ("patients", None):
+            sets = [set((f[what] if what else f)[r]) for r in ("train", "val", "test")]
+            if any(a & b for i, a in enumerate(sets) for b in sets[i + 1:]):
+                raise KazError(f"{path}: outer fold {k} shares {what or 'cases'} between train, val and test")
+        tested += f["patients"]["test"]
+    if len(tested) != len(set(tested)):
+        raise KazError(f"{path}: a patient is in the test set of more than one outer fold")
+    if require_installed:
+        splits_file = base / "splits_final.json"
+        splits = json.loads(splits_file.read_text()) if splits_file.is_file() else None
+        same = splits is not None and len(splits) >= len(folds) and all(
+            set(s["train"]) == set(f["train"]) and set(s["val"]) == set(f["val"]) for s, f in zip(splits, folds))
+        if not same:
+            raise KazError(f"{splits_file} does not hold the nested CV's outer folds, so nnUNetv2_train fold k would "
+                           f"not train outer fold k (its models could see test_k); install them with nnunet-kaz "
+                           f"splits -d ID --nested --overwrite (same --folds and --seed) and train again")
+    return info

@@ -6,8 +6,8 @@ Base trainers: XBoundNetTrainer, XBoundNetTrainer_Adam, XBoundNetTrainerSGDR, nn
 nnUNetTrainerDropout (element-wise), nnUNetTrainerDropoutSpatial (Dropout2d/3d, paper 004; both after the
 nonlinearity), nnUNetTrainerDropoutSpatialWCE (paper 004's recipe), nnUNetTrainerWCE / XBoundNetTrainerWCE
 (weighted cross-entropy), PaperDAMixin (paper 000's augmentation, as XBoundNetTrainer_paperDA). MHEX+ heads
-(paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX (`mhex_trainer`). Named variants (short schedules, dropout
-rates, seeds) live in `variants`.
+(paper 003): XBoundNetTrainerMHEX, nnUNetTrainerMHEX (`mhex_trainer`). Paper 000's whole recipe:
+XBoundNetTrainerPaper (`paper_trainer`). Named variants (short schedules, dropout rates, seeds) live in `variants`.
 
 Exports are lazy (nnunet_kaz.lazy), so `nnunet-kaz trainer-dir` does not import nnU-Net; `__all__` (and so
 `from nnunet_kaz.trainers import *`, which the trainer folder's module does) includes every named variant.
@@ -29,6 +29,7 @@ _EXPORTS = {
     "PaperDAMixin": "augmentation", "PaperDARecipe": "augmentation",
     "RelUNetTrainer": "relunet_trainer", "RelUNetTrainer_fullTrain": "relunet_trainer",
     "XBoundNetTrainerMHEX": "mhex_trainer", "nnUNetTrainerMHEX": "mhex_trainer", "MHEXTrainerMixin": "mhex_trainer",
+    "XBoundNetTrainerPaper": "paper_trainer",
 }
 _static_getattr, _static_dir = lazy_exports(__name__, {k: v for k, v in _EXPORTS.items() if "." not in v})
 

@@ -16,6 +16,7 @@ from nnunet_kaz.trainers.dropout_trainer import (
     nnUNetTrainerDropoutSpatialWCE,
 )
 from nnunet_kaz.trainers.mhex_trainer import XBoundNetTrainerMHEX, nnUNetTrainerMHEX
+from nnunet_kaz.trainers.paper_trainer import XBoundNetTrainerPaper
 from nnunet_kaz.trainers.relunet_trainer import RelUNetTrainer, RelUNetTrainer_fullTrain
 from nnunet_kaz.trainers.seeding import SeededTrainerMixin
 from nnunet_kaz.trainers.sgdr_trainer import XBoundNetTrainerSGDR, nnUNetTrainerSGDR
@@ -139,9 +140,25 @@ _relunet = [
                   sgdr_cycle_ends=(5, 10)),
 ]
 
+# paper 000's recipe (issue 21): epochs are passes over the fold's training slices, so the short variants only
+# lower the maximum epoch count (and, for the demo, the patiences, so its few epochs show the plateau)
+_paper = [
+    _test_variant(XBoundNetTrainerPaper, "XBoundNetTrainerPaper_debug",
+                  "XBoundNetTrainerPaper for tests: at most 2 epochs (passes).", None, max_epochs=2),
+    variant(XBoundNetTrainerPaper, "XBoundNetTrainerPaper_demo", "XBoundNetTrainerPaper for the CPU demo: at most 6 "
+            "epochs (passes), plateau patience 2, early stopping patience 4, features capped at 32.",
+            max_epochs=6, plateau_patience=2, early_stopping_patience=4, max_features=32),
+    # 2 passes at lr 1e-4 leave a tiny test model predicting nothing after calibration; the nested protocol's test
+    # needs members that segment, so that its Table 1 holds real distances
+    _test_variant(XBoundNetTrainerPaper, "XBoundNetTrainerPaper_debugSegments", "XBoundNetTrainerPaper for tests "
+                  "that need members that segment: Adam lr 3e-3, at most 10 epochs (passes).", None,
+                  max_epochs=10, initial_lr_adam=3e-3),
+]
+
 for _base in (XBoundNetTrainer, XBoundNetTrainerSGDR, _registry["nnUNetTrainerDropout_p02"],
               _registry["XBoundNetTrainer_debug"], _registry["XBoundNetTrainer_demo"],
-              _registry["XBoundNetTrainerSGDR_demo"], RelUNetTrainer, RelUNetTrainer_fullTrain):
+              _registry["XBoundNetTrainerSGDR_demo"], RelUNetTrainer, RelUNetTrainer_fullTrain,
+              XBoundNetTrainerPaper, *_paper):
     _with_seeds(_base)
 
 globals().update(_registry)

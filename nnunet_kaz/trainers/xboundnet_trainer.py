@@ -120,12 +120,15 @@ class XBoundNetTrainer(CheckedResumeMixin, nnUNetTrainer):
       paper's context (max(dilations) + 1 voxels along every pooled axis: 4 stages and a 32x32 bridge for
       nnU-Net's 7-stage 256x256 plan); True builds the plans' depth. Either way one warning names every ASPP
       branch that degenerates to its centre tap. `nnUNetXBoundNetPlans` (`nnunet-kaz plan`) already have that depth.
+    - `loss_batch_dice`: one soft Dice over the whole batch (True) or per sample (False); None: the plans'
+      `batch_dice`.
     """
 
     logdice_alpha: float = 0.7
     network_kwargs: dict = {}
     max_features: int | None = None
     keep_planned_depth: bool = False
+    loss_batch_dice: bool | None = None
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -144,8 +147,9 @@ class XBoundNetTrainer(CheckedResumeMixin, nnUNetTrainer):
             refuse_to_start(self, str(e))
 
     def _build_loss(self) -> nn.Module:
-        loss = build_logdice_ce_loss(self.label_manager.has_regions, self.configuration_manager.batch_dice,
-                                     self.logdice_alpha, self.label_manager.ignore_label, self.is_ddp)
+        batch_dice = self.configuration_manager.batch_dice if self.loss_batch_dice is None else self.loss_batch_dice
+        loss = build_logdice_ce_loss(self.label_manager.has_regions, batch_dice, self.logdice_alpha,
+                                     self.label_manager.ignore_label, self.is_ddp)
         if self._do_i_compile():  # as nnUNetTrainer._build_loss: the Dice term is compiled with the network
             loss.dc = torch.compile(loss.dc)
         if self.enable_deep_supervision:
@@ -184,6 +188,17 @@ class ValidationLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 BEST_VAL_LOSS_CHECKPOINT = "checkpoint_best_val_loss.pth"
 
 
+def keras_plateau(optimizer: torch.optim.Optimizer, factor: float, patience: int,
+                  min_delta: float = 1e-4) -> ValidationLossPlateau:
+    """Keras' `ReduceLROnPlateau(factor, patience, min_delta)` (mode min, cooldown 0) as torch's scheduler: Keras
+    reduces when `wait >= patience` epochs failed to beat the best by more than min_delta (absolute), torch when
+    `num_bad_epochs > patience` with its threshold, so torch gets patience - 1 and threshold_mode "abs"."""
+    if patience < 1:
+        raise ValueError(f"plateau patience must be >= 1, got {patience}")
+    return ValidationLossPlateau(optimizer, mode="min", factor=factor, patience=patience - 1, threshold=min_delta,
+                                 threshold_mode="abs")
+
+
 class XBoundNetTrainer_Adam(XBoundNetTrainer):
     """The paper's optimisation (paper 000 section 2.1; AUTHORS_CODE.md for what the paper leaves open): Adam
     lr 1e-4, ReduceLROnPlateau on the validation loss (factor 0.1, patience 15), early stopping after
@@ -191,11 +206,22 @@ class XBoundNetTrainer_Adam(XBoundNetTrainer):
     `restore_best_weights=True`: the weights of the epoch with the lowest validation loss are written as
     `checkpoint_final.pth` (and, while training, as `checkpoint_best_val_loss.pth`), so nnU-Net's final
     validation and `predict` (checkpoint `final`) use them. nnU-Net's `checkpoint_best.pth` keeps its own
-    meaning (best EMA pseudo-Dice). Batch size stays nnU-Net's planned one (the paper used 4)."""
+    meaning (best EMA pseudo-Dice).
+
+    Keras' semantics (the authors' callbacks): the learning rate drops once `plateau_patience` epochs in a row
+    did not lower the validation loss by more than `plateau_min_delta` (absolute, Keras' default 1e-4); torch's
+    ReduceLROnPlateau counts `> patience` where Keras counts `>= patience`, so torch gets patience - 1. Early
+    stopping: any decrease counts (Keras' min_delta 0).
+
+    Everything else is nnU-Net's: an epoch of `num_iterations_per_epoch` (250) batches sampled with replacement
+    and foreground oversampling, the validation loss of 50 sampled batches, the planned batch size, weight decay
+    3e-5, deep supervision and nnU-Net's augmentation; so patience 15 / 50 counts those epochs.
+    `XBoundNetTrainerPaper` is the paper's whole recipe (epochs = passes over the training slices)."""
 
     initial_lr_adam: float = 1e-4
     plateau_factor: float = 0.1
     plateau_patience: int = 15
+    plateau_min_delta: float = 1e-4
     early_stopping_patience: int = 50
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -209,8 +235,7 @@ class XBoundNetTrainer_Adam(XBoundNetTrainer):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, ValidationLossPlateau(optimizer, mode="min", factor=self.plateau_factor,
-                                                patience=self.plateau_patience)
+        return optimizer, keras_plateau(optimizer, self.plateau_factor, self.plateau_patience, self.plateau_min_delta)
 
     def on_epoch_start(self):
         if self._epochs_without_improvement >= self.early_stopping_patience:
