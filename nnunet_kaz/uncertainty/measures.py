@@ -120,8 +120,8 @@ def relunet_contour(mask: np.ndarray, convention: str = "authors") -> np.ndarray
     return ndimage.binary_dilation(mask, structure) & ~mask
 
 
-def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.ndarray | None = None,
-                  convention: str = "authors") -> float:
+def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray | None, structure: np.ndarray | None = None,
+                  convention: str = "authors", entropy_total: float | None = None) -> float:
     """Rel-UNet's per-image uncertainty score (paper 002 eq. 5-9) for one class.
 
     I = (mean probability of the class >= 0.5) (eq. 5), H_total = sum of `entropy_map` over the image (eq. 6),
@@ -133,7 +133,8 @@ def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.nd
     (AUTHORS_CODE.md): A = 3x3 square per 2D slice and the score multiplied by 100, the scale on which paper
     002's Fig. 7 threshold (score < 0.5) was drawn. `convention="cross"`: a face-connected cross over all axes
     and no factor (this package's earlier definition, the `relunet_score_cross` column). An explicit
-    `structure` replaces A (no factor). An empty mask has no contour: NaN.
+    `structure` replaces A (no factor). An empty mask has no contour: NaN. `entropy_total`: H_total itself, for a
+    caller that summed the entropy without keeping its map (`entropy_map` is then not read).
     """
     mask = np.asarray(p_class) >= 0.5
     if structure is not None:
@@ -141,7 +142,8 @@ def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.nd
     else:
         contour, factor = relunet_contour(mask, convention), (100.0 if convention == "authors" else 1.0)
     n = int(contour.sum())
-    return float(factor * entropy_map.sum() / n) if n else float("nan")
+    total = entropy_map.sum() if entropy_total is None else entropy_total
+    return float(factor * total / n) if n else float("nan")
 
 
 def coefficient_of_variation(volumes: np.ndarray) -> float:
@@ -176,17 +178,18 @@ def mean_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
     return float(dice.mean())
 
 
-def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
+def pooled_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
     """A pooled variant of paper 004's mean pairwise Dice (not the paper's definition, which is
     `mean_pairwise_dice`; kept as the `pairwise_dice_pooled` column): one ratio over all pairs,
 
         D_pooled = 2 * sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
-                 = 2 * sum_x C(k_x, 2) / ((N - 1) * sum_i |S_i|),
+                 = 2 * sum_{i<j} |S_i & S_j| / ((N - 1) * sum_i |S_i|),
 
-    with k_x the number of samples whose mask holds voxel x (`count_map`) and N the number of samples. It
-    equals the mean of the pairwise Dice scores when all samples have the same volume and is biased upward
-    when they do not (nine identical samples and one empty: 0.889 against the paper's 0.800). Fewer than two
-    samples: NaN. All samples empty: 1 (they agree).
+    from the (N, N) matrix of pairwise intersections (the same one `mean_pairwise_dice` reads; equal to
+    2 sum_x C(k_x, 2) / ((N - 1) sum_i |S_i|) with k_x the number of masks holding voxel x). It equals the mean
+    of the pairwise Dice scores when all samples have the same volume and is biased upward when they do not
+    (nine identical samples and one empty: 0.889 against the paper's 0.800). Fewer than two samples: NaN. All
+    samples empty: 1 (they agree).
     """
     v = np.asarray(volumes, dtype=np.float64)
     n = v.size
@@ -194,8 +197,8 @@ def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
         return float("nan")
     if v.sum() == 0:
         return 1.0
-    k = count_map.astype(np.float64)
-    return float(2.0 * (k * (k - 1) / 2).sum() / ((n - 1) * v.sum()))
+    inter = np.asarray(intersections, dtype=np.float64)
+    return float(2.0 * inter[np.triu_indices(n, 1)].sum() / ((n - 1) * v.sum()))
 
 
 def labelled_uncertainty(mean_p_class: np.ndarray, mean_sample_u: np.ndarray) -> float:
