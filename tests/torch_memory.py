@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages that torch operators allocated inside the block and that are still referenced by a
     tensor (`now`), and their maximum (`peak`). Views share their base's storage and count once; tensors made
-    before the block (e.g. the input image) or outside torch's operators (torch.from_numpy) are not counted.
+    before the block (e.g. the input image), their views and aliases, and tensors made outside torch's operators
+    (torch.from_numpy) are not counted.
     `pinned`: the operators that asked for page-locked memory."""
 
     def __init__(self):
@@ -34,12 +35,14 @@ class LiveBytes(TorchDispatchMode):
         if kwargs.get("pin_memory") or "pin_memory" in str(func):
             self.pinned.append(str(func))
         out = func(*args, **kwargs)
+        # an output that aliases an input (a view, or `.to` that had nothing to do) allocated nothing
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key == 0:
+            if key == 0 or (key in inputs and key not in self.storages):
                 continue
             if key not in self.storages:
                 self.storages[key] = [storage.nbytes(), 0]

@@ -348,6 +348,8 @@ class StreamingStats:
         self.volumes: list[np.ndarray] = []
         if pairwise_channels is None:
             pairwise_channels = range(n_channels) if regions else range(1, n_channels)
+        if self.single:  # one sample has no pairs: its pairwise Dice is NaN without any mask kept
+            pairwise_channels = ()
         self.pairwise = {int(c): PairwiseIntersections(self.spatial_shape) for c in pairwise_channels}
         self._result: AccumulatedStats | None = None
 
@@ -439,7 +441,16 @@ class StreamingStats:
 
 class SampleBatch:
     """`StreamingStats.batch`: b samples accumulated slab by slab of the first spatial axis (`slab`, in order),
-    completed by `end` (volumes, the pairwise Dice's masks; one sample: the kept mean)."""
+    completed by `end` (volumes, the pairwise Dice's masks; one sample: the kept mean).
+
+    One sample given as float16 logits (the predictor's stitching) is kept as its logits until `end`, and its
+    float32 probabilities (the mean) are then made in place, in the same buffer (issue 23.7): class c's logits sit
+    in the first half of the bytes its float32 probabilities will take, and the probabilities are written from
+    the last voxel to the first, so each write lands on logits already read (float32 voxel v covers float16
+    positions 2v and 2v + 1 of its class, both >= v). While the tiles run (and their activations are alive) the
+    case holds 2 C bytes per voxel instead of 4 C; the buffer's untouched second halves are not resident until
+    written (pages of a large allocation are mapped lazily). The probabilities are the nonlinearity of the same
+    float16 logits, so the values are those of converting each slab as it comes."""
 
     def __init__(self, stats: StreamingStats, b: int, nonlin):
         self.stats, self.b, self.nonlin = stats, b, nonlin
@@ -450,6 +461,7 @@ class SampleBatch:
         # one sample: its probabilities are the mean, made on the accumulators' device (which may differ from the
         # logits': the predictor keeps one sample's mean in CPU memory while stitching on the GPU)
         self.mean = torch.empty(stats.shape, dtype=torch.float32, device=stats.device) if stats.single else None
+        self.halves = None  # one sample's float16 logits, inside `mean` (class docstring)
         self.rows = 0
 
     @torch.no_grad()
@@ -459,6 +471,15 @@ class SampleBatch:
                 or tuple(values.shape[3:]) != stats.spatial_shape[1:] or values.shape[2] != rows.stop - rows.start:
             raise ValueError(f"slab {rows} of shape {tuple(values.shape)} does not continue a batch of {self.b} "
                              f"samples of shape {stats.shape} at row {self.rows}")
+        if self.mean is not None and self.rows == 0 and values.dtype == torch.float16:
+            self.halves = self.mean.view(-1).view(torch.float16)
+        if self.halves is not None:
+            n, plane = stats.n_voxels, int(np.prod(stats.spatial_shape[1:]))
+            for c in range(stats.shape[0]):  # class c's logits: float16 positions [2 c n, 2 c n + n)
+                self.halves[2 * c * n + rows.start * plane: 2 * c * n + rows.stop * plane] = \
+                    values[0, c].reshape(-1).to(stats.device)
+            self.rows = rows.stop
+            return
         for sub in slabs(values.shape[2:], stats.SLAB_VOXELS):  # bounded temporaries (class docstring)
             sl = slice(rows.start + sub.start, rows.start + sub.stop)
             p = self.nonlin(values[:, :, sub])
@@ -473,10 +494,25 @@ class SampleBatch:
                     packer.feed(binary[s, c].cpu().numpy())
         self.rows = rows.stop
 
+    @torch.no_grad()
+    def _widen(self) -> None:
+        """One sample's float16 logits -> its float32 probabilities, in place, last voxels first."""
+        stats, n = self.stats, self.stats.n_voxels
+        flat = self.mean.view(stats.shape[0], n)
+        for sl in reversed(slabs((n,), stats.SLAB_VOXELS)):
+            logits = torch.stack([self.halves[2 * c * n + sl.start: 2 * c * n + sl.stop]
+                                  for c in range(stats.shape[0])])  # a copy: read before anything is written
+            p = self.nonlin(logits[None])[0].to(torch.float32)
+            flat[:, sl] = p
+            self.volumes[0] += (p >= 0.5).sum(-1).cpu()
+        self.halves = None
+
     def end(self) -> None:
         stats = self.stats
         if self.rows != stats.spatial_shape[0]:
             raise ValueError(f"a batch ended after {self.rows} of {stats.spatial_shape[0]} rows")
+        if self.halves is not None:
+            self._widen()
         if self.mean is not None:
             stats.sum_mean = self.mean
         stats.volumes.extend(self.volumes.numpy())
