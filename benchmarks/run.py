@@ -63,8 +63,10 @@ def main(names: list[str]) -> int:
         spec = importlib.util.spec_from_file_location(f.stem, f)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        load = os.getloadavg()[0]
         body = module.run().strip()
-        stamp = f"_Measured {datetime.date.today().isoformat()} on {machine()}._"
+        stamp = (f"_Measured {datetime.date.today().isoformat()} on {machine()}; 1-minute load average "
+                 f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end._")
         sections = read_sections()  # read again: another run may have written its sections meanwhile
         sections[f.stem] = f"{body}\n\n{stamp}"
         write_sections(sections)  # after each one, so a later failure keeps earlier figures

@@ -9,3 +9,7 @@ try:
     __version__ = version("nnunet-kaz")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
+
+from nnunet_kaz.versions import check as _check_versions
+
+_check_versions()  # torch / numpy older than pyproject.toml's floors: one message naming the fix

@@ -17,7 +17,7 @@ import torch
 
 from nnunet_kaz.inference import UncertaintyPredictor, parse_member
 from nnunet_kaz.inference.export import GeometryRestorer
-from nnunet_kaz.inference.predictor import case_placement
+from nnunet_kaz.inference.predictor import OUT_OF_MEMORY, case_placement
 from nnunet_kaz.uncertainty import class_scores
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats, accumulator_bytes_per_voxel
 from tests.conftest import nnunet_env, run, shrink_plans
@@ -75,10 +75,16 @@ def recorded_prediction(predictor, images, out_stem):
     logits = []
     own = module.predict_samples
 
-    def recording(*args, **kwargs):
-        batch = own(*args, **kwargs)
-        logits.append(batch.double().numpy().copy())
-        return batch
+    def recording(*args, emit=None, **kwargs):  # the slabs the stitching hands to the accumulators, put together
+        parts = []
+
+        def rec(rows, part):
+            parts.append(part.double().numpy().copy())
+            emit(rows, part)
+
+        out = own(*args, emit=rec, **kwargs)
+        logits.append(np.concatenate(parts, axis=2))
+        return out
 
     module.predict_samples = recording
     try:
@@ -139,7 +145,7 @@ def test_outputs_equal_a_whole_volume_numpy_accumulation_of_the_same_samples(mem
     volumes = masks.reshape(6, n_classes, -1).sum(-1)
     inter = {c: np.array([[(a & b).sum() for b in masks[:, c]] for a in masks[:, c]]) for c in range(1, n_classes)}
     ref = AccumulatedStats(6, s.mean(0), s.var(0), (s * np.log(np.clip(s, 1e-300, None))).mean(0), h.mean(0),
-                           masks.sum(0), volumes, intersections=inter)
+                           volumes, intersections=inter)
     u = to_input_geometry(predictor, props, -ref.mean_plogp)
     ratio = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props).voxel_volume_ratio
     for row, (channel, label) in zip(result["scores"], predictor._foreground()):
@@ -174,8 +180,7 @@ def test_one_member_without_mc_equals_numpy_on_the_whole_volume(member, tmp_path
         assert f["variance"].shape == result["probabilities"].shape and not f["variance"].any()
     u = to_input_geometry(predictor, props, -(s * np.log(np.clip(s, 1e-300, None))))
     masks = s >= 0.5
-    ref = AccumulatedStats(1, s, np.zeros_like(s), None, None, masks.astype(np.uint8),
-                           masks.reshape(1, s.shape[0], -1).sum(-1))
+    ref = AccumulatedStats(1, s, np.zeros_like(s), None, None, masks.reshape(1, s.shape[0], -1).sum(-1))
     ratio = GeometryRestorer(predictor.plans_manager, predictor.configuration_manager, props).voxel_volume_ratio
     for row, (channel, label) in zip(result["scores"], predictor._foreground()):
         expected = class_scores(ref, channel, probs[channel], u[channel], ratio)
@@ -215,47 +220,73 @@ def test_forced_cpu_fallback_and_bounded_mc_batch_give_identical_outputs(kits_me
         assert x == pytest.approx(y, nan_ok=True)
     data, _ = forced.preprocess([image])
     voxels, classes = int(np.prod(data.shape[1:])), free.label_manager.num_segmentation_heads
-    two = voxels * (accumulator_bytes_per_voxel(classes, 6) + 8 + 2 + 2 * 2 * classes)
-    assert case_placement(classes, voxels, 6, 3, two) == (True, 2)
+    window = forced.window_voxels(data.shape[1:])  # the patch's depth across the image
+    # image and accumulators per voxel; 2 samples' float16 logits and the weights per window voxel
+    two = voxels * (4 + 12 * classes) + window * (2 * 2 * classes + 2)
+    assert case_placement(classes, voxels, 6, 3, two, window_voxels=window) == (True, 2)
+    assert case_placement(classes, voxels, 6, 3, two - 1, window_voxels=window) == (True, 1)
 
 
-def test_out_of_memory_during_a_case_retries_it_on_the_cpu_path_with_one_warning(kits_member, tmp_path,
-                                                                                   monkeypatch):
-    """The first sampling attempt of every case raises CUDA's out-of-memory error (forced: there is no GPU
-    here); the run goes on, each case is redone on the CPU path with one warning, outputs as without the error."""
+def test_out_of_memory_above_mc_batch_1_redoes_the_case_at_batch_1_with_one_warning(kits_member, tmp_path):
+    """Issue 23.1: a network that raises torch's out-of-memory error for any batch above 1 (a forward pre-hook on
+    the real member: the first attempt runs batches of 3); the run goes on, the case is redone once at MC batch 1
+    with one warning, and its outputs equal a run asked for batches of 1 (the same samples) bit for bit."""
     folder, images = kits_member
     normal = predictor_of(folder, mc_batch=1)
     normal.predict_folder(images, tmp_path / "normal")
+    retried = predictor_of(folder, mc_batch=3)
     calls = []
-    sample_case = UncertaintyPredictor.sample_case
 
-    def failing_once(self, data, case, progress=False, on_cpu=False):
-        calls.append(on_cpu)
-        if not on_cpu:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return sample_case(self, data, case, progress, on_cpu)
+    def over_one(module, args):
+        calls.append(args[0].shape[0])
+        if args[0].shape[0] > 1:
+            raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(UncertaintyPredictor, "sample_case", failing_once)
+    for net in {id(m.network): m.network for m in retried.models}.values():
+        net.register_forward_pre_hook(over_one)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predictor_of(folder, mc_batch=1).predict_folder(images, tmp_path / "retried")
+        retried.predict_folder(images, tmp_path / "retried")
     oom = [w for w in caught if "out of memory" in str(w.message)]
-    assert len(oom) == 1 and "VOL" in str(oom[0].message) and calls == [False, True]
+    assert len(oom) == 1 and "VOL" in str(oom[0].message)
+    assert calls[0] == 3 and set(calls[1:]) == {1} and (retried.case_mc_batch, retried.case_device.type) == (1, "cpu")
     for name in ("VOL.npz", "VOL_uncertainty.npz"):
         with np.load(tmp_path / "normal" / name) as x, np.load(tmp_path / "retried" / name) as y:
             for key in x.files:
                 np.testing.assert_array_equal(x[key], y[key])
+    with open(tmp_path / "normal" / "VOL_scores.json") as x, open(tmp_path / "retried" / "VOL_scores.json") as y:
+        assert x.read() == y.read()
+
+
+def test_an_out_of_memory_error_with_nothing_left_to_give_up_ends_the_case(kits_member):
+    """Already at MC batch 1 with the accumulators in CPU memory: the error is raised, not retried, no warning."""
+    folder, images = kits_member
+    predictor = predictor_of(folder, mc_batch=1)
+
+    def always(module, args):
+        raise OUT_OF_MEMORY("out of memory")
+
+    predictor.models[0].network.register_forward_pre_hook(always)
+    data, _ = predictor.preprocess([first_image(images)])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(OUT_OF_MEMORY):
+        warnings.simplefilter("always")
+        predictor.sample_or_retry(data, "VOL")
+    assert not [w for w in caught if "out of memory" in str(w.message)]
 
 
 def test_case_placement_by_hand():
-    """4 classes, 10 samples (uint8 counts: 13 x 4 + 4 = 56 bytes), 1 input channel (8 bytes), weights 2:
-    66 bytes per voxel fixed, 8 per sample of a batch (float16 logits; one sample: 4 x 4 + 8 + 2 fixed, 24)."""
-    assert accumulator_bytes_per_voxel(4, 10) == 56 and accumulator_bytes_per_voxel(4, 300) == 60
-    assert accumulator_bytes_per_voxel(4, None) == 68
-    voxels = 1000
-    assert case_placement(4, voxels, 10, 8, float("inf")) == (True, 8)
-    assert case_placement(4, voxels, 10, 8, 66_000 + 3 * 8_000 + 5) == (True, 3)    # room for 3 samples
-    assert case_placement(4, voxels, 10, 8, 66_000 + 8_000 - 1) == (False, 1)      # not even one: fallback
-    assert case_placement(4, voxels, 1, 1, 26_000 + 24_000) == (True, 1)           # one sample
-    assert case_placement(4, voxels, 1, 1, 26_000 + 24_000 - 1) == (False, 1)
-    assert case_placement(4, voxels, 10, 2, 10 ** 9) == (True, 2)                  # never above the request
+    """4 classes, 10 samples, 1 input channel, 1000 voxels of which a window of 100 (a patch-deep slab): the image
+    4 and the accumulators 12 x 4 = 48 bytes per voxel, 52,000; per window voxel the float16 weights 2 and 2 x 4 = 8
+    per sample of a batch (float16 logits): 53,000 for one sample, 800 more for each further one. One sample
+    alone: image 4,000 + window (8 + 2) x 100 = 5,000 (its mean is made in CPU memory). Regions: 4 more per
+    voxel (the samples' entropies)."""
+    assert accumulator_bytes_per_voxel(4, 10) == 48 and accumulator_bytes_per_voxel(4, 10, regions=True) == 52
+    assert accumulator_bytes_per_voxel(4, 1) == 16
+    voxels, window = 1000, 100
+    assert case_placement(4, voxels, 10, 8, float("inf"), window_voxels=window) == (True, 8)
+    assert case_placement(4, voxels, 10, 8, 53_000 + 2 * 800 + 5, window_voxels=window) == (True, 3)
+    assert case_placement(4, voxels, 10, 8, 53_000 - 1, window_voxels=window) == (False, 1)  # CPU memory
+    assert case_placement(4, voxels, 10, 8, 57_000, regions=True, window_voxels=window) == (True, 1)
+    assert case_placement(4, voxels, 1, 1, 5_000, window_voxels=window) == (True, 1)        # one sample
+    assert case_placement(4, voxels, 1, 1, 5_000 - 1, window_voxels=window) == (False, 1)
+    assert case_placement(4, voxels, 10, 2, 10 ** 9, window_voxels=window) == (True, 2)     # never above the request

@@ -163,14 +163,20 @@ def test_mc_variance_and_mutual_information_match_the_seeded_samples(tiny_kaz, m
     captured = []
 
     class Recording(StreamingStats):
-        def add(self, probs):
-            captured.append(probs.detach().double().cpu().numpy())
-            return super().add(probs)
+        def batch(self, b, nonlin):  # the predictor's route: the stitched logits' slabs, probabilities made per slab
+            sink, parts = super().batch(b, nonlin), []
+            slab, end = sink.slab, sink.end
 
-        def add_logits(self, logits, nonlin):  # the predictor's route: probabilities made slab by slab inside
-            if not self.single:
-                captured.append(nonlin(logits).detach().double().cpu().numpy())
-            return super().add_logits(logits, nonlin)
+            def recording_slab(rows, values):
+                parts.append(nonlin(values).detach().double().cpu().numpy())
+                slab(rows, values)
+
+            def recording_end():
+                captured.append(np.concatenate(parts, axis=2))
+                end()
+
+            sink.slab, sink.end = recording_slab, recording_end
+            return sink
 
     monkeypatch.setattr(predictor_module, "StreamingStats", Recording)
     members = [parse_member(f"{models[DROPOUT]}:0"), parse_member(f"{models[DROPOUT]}:0")]
@@ -189,7 +195,7 @@ def test_mc_variance_and_mutual_information_match_the_seeded_samples(tiny_kaz, m
     assert var.max() > 1e-4
     np.testing.assert_allclose(stats.variance, var, rtol=1e-3, atol=1e-6)
     mi = h(samples.mean(0)[1]) - h(samples[:, 1]).mean(0)
-    np.testing.assert_allclose(h(stats.mean[1].astype(np.float64)) - stats.mean_entropy, mi, atol=1e-5)
+    np.testing.assert_allclose(h(stats.mean[1].astype(np.float64)) - stats.sample_entropy(), mi, atol=1e-5)
     # and the files: predict_case writes exactly these maps in the input geometry
     result = predictor.finalize(stats, props)
     from nnunet_kaz.inference.export import GeometryRestorer

@@ -82,6 +82,27 @@ def stitch_error(z: np.ndarray, w: np.ndarray) -> np.ndarray:
     return 6 * HALF_ULP * np.abs(z) + 6 * HALF_SUBNORMAL * (1 + np.abs(z)) / w
 
 
+def recording_stats(captured: list, transform):
+    """StreamingStats that records `transform(logits, nonlin)` of every sample batch: the stitched logits arrive
+    slab by slab (issue 23.7), so each batch is a list of slabs along the first spatial axis."""
+    from nnunet_kaz.uncertainty.streaming import StreamingStats
+
+    class Recording(StreamingStats):
+        def batch(self, b, nonlin):
+            sink, parts = super().batch(b, nonlin), []
+            captured.append(parts)
+            slab = sink.slab
+
+            def recording_slab(rows, part):
+                parts.append(transform(part, nonlin).detach().double().cpu().numpy().copy())
+                return slab(rows, part)
+
+            sink.slab = recording_slab
+            return sink
+
+    return Recording
+
+
 def softmax(z):
     e = np.exp(z - z.max(0))
     return e / e.sum(0)
@@ -96,16 +117,11 @@ def test_tta_flips_are_nnunets_and_their_mean_and_variance(tiny_kaz, images, mon
     p = sigma(d), d = z1 - z0, and |mean_f sigma(d_f) - sigma(mean_f d_f)| <= max|sigma''| / 2 Var_f(d) =
     0.0481 Var_f(d) (Taylor with remainder), plus the stitching errors of the d's times max sigma' = 1/4."""
     import nnunet_kaz.inference.predictor as predictor_module
-    from nnunet_kaz.uncertainty.streaming import StreamingStats
 
     captured = []
 
-    class Recording(StreamingStats):
-        def add_logits(self, logits, nonlin):
-            captured.append(logits.detach().float().cpu().numpy())
-            return super().add_logits(logits, nonlin)
 
-    monkeypatch.setattr(predictor_module, "StreamingStats", Recording)
+    monkeypatch.setattr(predictor_module, "StreamingStats", recording_stats(captured, lambda z, nonlin: z))
     member = parse_member(f"{tiny_kaz.train(PLAIN)}:0")
     tta = UncertaintyPredictor([member], device="cpu", verbose=False, tta=True, mirror=True)
     assert not tta.mirror and tta.flips(0) == [(), (0,), (1,), (0, 1)]   # 2D: 4 flips, mirroring off
@@ -114,7 +130,7 @@ def test_tta_flips_are_nnunets_and_their_mean_and_variance(tiny_kaz, images, mon
         data, _ = tta.preprocess([str(image)])
         captured.clear()
         stats = tta.sample_case(data, image.stem)
-        ours = np.concatenate(captured)[:, :, 0]                    # (4 flips, C, H, W)
+        ours = np.concatenate([np.concatenate(p, axis=2) for p in captured])[:, :, 0]  # (4 flips, C, H, W)
         assert stats.n_samples == 4 and ours.shape[0] == 4
         mirrored = nnunet_logits(tta, data)[:, 0]
         flips = np.stack([nnunet_logits(tta, data, f)[:, 0] for f in tta_flips(tta.network(0).mirror_axes)])
@@ -144,7 +160,6 @@ def test_predict_tta_cli_combines_with_mc_and_writes_its_samples(tiny_kaz, tmp_p
     import pandas as pd
 
     import nnunet_kaz.inference.predictor as predictor_module
-    from nnunet_kaz.uncertainty.streaming import StreamingStats
 
     folder = tiny_kaz.train(DROPOUT)
     out = tmp_path / "tta"
@@ -159,12 +174,7 @@ def test_predict_tta_cli_combines_with_mc_and_writes_its_samples(tiny_kaz, tmp_p
     # seeded like MC samples: the identity flip of TTA x MC draws plain MC's masks
     captured = []
 
-    class Recording(StreamingStats):
-        def add_logits(self, logits, nonlin):
-            captured.append(nonlin(logits).detach().double().cpu().numpy())
-            return super().add_logits(logits, nonlin)
-
-    monkeypatch.setattr(predictor_module, "StreamingStats", Recording)
+    monkeypatch.setattr(predictor_module, "StreamingStats", recording_stats(captured, lambda z, nonlin: nonlin(z)))
     member = parse_member(f"{folder}:0")
     image = [str(sorted((tiny_kaz.raw / "imagesTs").glob("*_0000.png"))[0])]
     mc = UncertaintyPredictor([member], mc=2, device="cpu", verbose=False, seed=3, mirror=False)
@@ -172,7 +182,7 @@ def test_predict_tta_cli_combines_with_mc_and_writes_its_samples(tiny_kaz, tmp_p
     plain = mc.sample_case(data, "c").mean
     captured.clear()
     UncertaintyPredictor([member], mc=2, device="cpu", verbose=False, seed=3, tta=True).sample_case(data, "c")
-    samples = np.concatenate(captured)
+    samples = np.concatenate([np.concatenate(p, axis=2) for p in captured])
     assert samples.shape[0] == 8
     np.testing.assert_allclose(samples[:2].mean(0), plain, atol=1e-6)
     assert not np.allclose(samples[2], samples[0], atol=1e-4)  # another flip: another sample

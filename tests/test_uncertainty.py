@@ -50,14 +50,17 @@ def test_streaming_stats_and_scores_equal_hand_computation():
     assert list(r.volumes[:, 1]) == list(vols) == [3, 3, 3]
     # paper 004: CV = Var(V) / (E[V] + 1)
     assert coefficient_of_variation(np.array([2, 4, 6])) == pytest.approx(np.var([2, 4, 6]) / 5)
-    # pooled pairwise Dice from the count map equals the pairwise definition computed pair by pair
+    # pooled pairwise Dice from the intersections equals the pooled ratio computed pair by pair, and the count-map
+    # form 2 sum_x C(k_x, 2) / ((N - 1) sum_i |S_i|)
     inter = sum((masks[i] & masks[j]).sum() for i, j in itertools.combinations(range(3), 2))
     denom = sum(masks[i].sum() + masks[j].sum() for i, j in itertools.combinations(range(3), 2))
-    assert pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]) == pytest.approx(2 * inter / denom)
+    assert r.pooled_pairwise_dice(1) == pytest.approx(2 * inter / denom)
+    k = masks.sum(0)
+    assert r.pooled_pairwise_dice(1) == pytest.approx(2 * (k * (k - 1) / 2).sum() / (2 * vols.sum()))
     # equal volumes here, so it is also the plain mean of the pairwise Dice scores
     dices = [2 * (masks[i] & masks[j]).sum() / (masks[i].sum() + masks[j].sum())
              for i, j in itertools.combinations(range(3), 2)]
-    assert pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]) == pytest.approx(np.mean(dices))
+    assert r.pooled_pairwise_dice(1) == pytest.approx(np.mean(dices))
     # labelled uncertainty: mean over voxels with mean p >= 0.5 of U = -(1/N) sum_i p_i ln p_i
     u = -(samples[:, 1] * np.log(samples[:, 1].clip(1e-12))).mean(0)
     mean_fg = samples[:, 1].mean(0)
@@ -66,7 +69,8 @@ def test_streaming_stats_and_scores_equal_hand_computation():
     # mutual information is entropy of the mean minus mean entropy, >= 0
     h_mean = normalized_entropy(r.mean)
     h_samples = np.mean([normalized_entropy(s) for s in samples], 0)
-    np.testing.assert_allclose(r.mean_entropy, h_samples, atol=1e-6)
+    assert r.mean_entropy is None  # softmax: derived from the mean p ln p, no accumulator of its own
+    np.testing.assert_allclose(r.sample_entropy(), h_samples, atol=1e-6)
     assert (h_mean - h_samples >= -1e-6).all()
 
 
@@ -77,8 +81,8 @@ def test_identical_samples_have_no_mutual_information_or_variance():
         stats.add(torch.from_numpy(s))
     r = stats.result()
     np.testing.assert_allclose(r.variance, 0, atol=1e-7)
-    np.testing.assert_allclose(normalized_entropy(r.mean) - r.mean_entropy, 0, atol=1e-6)
-    assert pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]) == pytest.approx(1.0)
+    np.testing.assert_allclose(normalized_entropy(r.mean) - r.sample_entropy(), 0, atol=1e-6)
+    assert r.pooled_pairwise_dice(1) == pytest.approx(1.0) == r.pairwise_dice(1)
     assert coefficient_of_variation(r.volumes[:, 1]) == 0
 
 
@@ -204,7 +208,7 @@ def test_pairwise_dice_of_nine_identical_samples_and_one_empty_is_0_8():
         stats.add(torch.from_numpy(s))
     r = stats.result()
     assert r.pairwise_dice(1) == pytest.approx(36 / 45) == pytest.approx(0.8)
-    assert pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]) == pytest.approx(8 / 9)  # the pooled variant
+    assert r.pooled_pairwise_dice(1) == pytest.approx(8 / 9)  # the pooled variant
     assert math.isnan(r.pairwise_dice(0))  # background is not tracked
 
 
@@ -236,48 +240,93 @@ def test_streamed_pairwise_dice_equals_pair_by_pair_on_random_masks(shape):
     assert mean_pairwise_dice(brute, brute.diagonal()) == pytest.approx(expected)
 
 
-def test_pairwise_masks_are_kept_only_over_the_union_bounding_box():
+def _disagreement_words(masks) -> int:
+    """Brute force: 64-voxel words of the flattened volume where the masks are not all equal."""
+    flat = np.stack([m.ravel() for m in masks])
+    differ = (flat != flat[0]).any(0)
+    return int(np.unique(np.flatnonzero(differ) // 64).size)
+
+
+def test_pairwise_masks_are_stored_only_where_they_disagree():
+    """Identical masks, even spanning the volume (two corner voxels in every mask), store no words; a mask that
+    differs in a small block adds the words where the masks disagree (brute force) and nothing else."""
+    from nnunet_kaz.uncertainty import PairwiseIntersections
+
     shape = (40, 64, 64)
-    stats = StreamingStats(2, shape)
     mask = np.zeros(shape, bool)
-    mask[10:18, 20:36, 30:46] = True  # an 8 x 16 x 16 box = 2048 voxels -> 32 words of 8 bytes per sample
-    for s in _binary_samples([mask] * 5):
-        stats.add(torch.from_numpy(s[None]))
-    assert stats.pairwise_nbytes == 5 * 2048 // 8
+    mask[10:18, 20:36, 30:46] = True
+    mask[0, 0, 0] = mask[-1, -1, -1] = True
+    pi = PairwiseIntersections(shape)
+    for _ in range(5):
+        pi.add(mask)
+    assert pi.band_words == 0 and pi.packed_nbytes == 0
+    np.testing.assert_array_equal(pi.inter, np.full((5, 5), mask.sum()))
+    other = mask.copy()
+    other[20:22, 40:44, 10:20] = True  # 2 x 4 rows of 10 voxels: each row within one or two 64-voxel words
+    pi.add(other)
+    masks = [mask] * 5 + [other]
+    assert pi.band_words == _disagreement_words(masks) <= 16
+    np.testing.assert_array_equal(pi.inter, np.array([[(a & b).sum() for b in masks] for a in masks]))
+    assert pi.packed_nbytes == 6 * pi.band_words * 8  # the open block's six rows over the band
 
 
 @pytest.mark.parametrize("kind", ["blobs", "noise"])
-def test_pairwise_intersections_exact_across_compressed_blocks(monkeypatch, kind):
-    """Full blocks are zlib-compressed: with 1-row blocks (forced) the intersections of 13 masks (empty ones
-    first and in between, frames growing after blocks were compressed) equal the brute force; blob masks
-    are held in fewer bytes than packed rows, noise masks in no more than packed rows plus zlib's overhead."""
+@pytest.mark.parametrize("block_bytes", [1, 1500, 4 << 20])
+def test_pairwise_intersections_exact_across_blocks_and_batches(monkeypatch, kind, block_bytes):
+    """Blocks of 1 row, a few rows and one block (forced): the intersections of 14 masks (empty ones first and
+    in between, blobs that move and grow so that the band grows after blocks were compressed, or noise), read
+    midway (a partial batch) and at the end, equal the brute force; the band is exactly the words where the masks
+    disagree; blob rows are held in fewer bytes than packed rows, noise rows in no more than packed rows plus
+    zlib's overhead."""
     from nnunet_kaz.uncertainty import PairwiseIntersections
 
     rng = np.random.default_rng(7)
     shape = (20, 33, 47)
     zz, yy, xx = np.indices(shape)
     masks = [np.zeros(shape, bool)]
-    for k in range(12):
+    for k in range(13):
         if k == 5:
             masks.append(np.zeros(shape, bool))
-        elif kind == "blobs":  # ellipsoids that move and grow: the frame grows after blocks were compressed
+        elif kind == "blobs":
             c = (10, 8 + 1.5 * k, 12 + 2 * k)
             masks.append(((zz - c[0]) / 6) ** 2 + ((yy - c[1]) / (4 + k / 2)) ** 2 + ((xx - c[2]) / 7) ** 2 <= 1)
         else:
             masks.append(rng.random(shape) < 0.3 + 0.02 * k)
-    monkeypatch.setattr(PairwiseIntersections, "BLOCK_BYTES", 1)  # one row per block
+    monkeypatch.setattr(PairwiseIntersections, "BLOCK_BYTES", block_bytes)
     pi = PairwiseIntersections(shape)
-    for m in masks:
+    for k, m in enumerate(masks):
         pi.add(m)
+        if k == 8:  # read midway: the waiting masks are intersected then, the rest at the end
+            brute = np.array([[(a & b).sum() for b in masks[:9]] for a in masks[:9]])
+            np.testing.assert_array_equal(pi.inter, brute)
     brute = np.array([[(a & b).sum() for b in masks] for a in masks])
     np.testing.assert_array_equal(pi.inter, brute)
-    compressed = [b for b in pi._blocks if not isinstance(b, np.ndarray)]
-    assert len(compressed) == len(masks) - 1  # every row but the open block's
-    packed = len(masks) * pi._words * 8
-    if kind == "blobs":
-        assert pi.nbytes < packed / 3
-    else:
-        assert pi.nbytes <= packed * 1.01 + 64 * len(compressed)
+    assert pi.band_words == _disagreement_words(masks)
+    if block_bytes == 1:
+        assert len(pi._closed) == len(masks)  # every row its own compressed block
+        rows_held = sum(len(b[0]) for b in pi._closed)
+        if kind == "blobs":
+            assert rows_held < pi.packed_nbytes / 2
+        else:
+            assert rows_held <= pi.packed_nbytes * 1.01 + 64 * len(pi._closed)
+
+
+def test_mask_packer_slab_by_slab_equals_packbits_of_the_whole_mask():
+    """Slabs of any length (not multiples of 8 voxels) give np.packbits of the whole flattened mask, zero-padded
+    to whole 64-bit words."""
+    from nnunet_kaz.uncertainty.streaming import MaskPacker
+
+    rng = np.random.default_rng(2)
+    mask = rng.random((7, 5, 3)) < 0.5  # 105 voxels: 13 bytes and 1 bit
+    packer = MaskPacker(mask.size)
+    for a, b in ((0, 1), (1, 4), (4, 7)):
+        packer.feed(mask[a:b])
+    words = packer.finish()
+    expected = np.zeros(16, np.uint8)
+    expected[:14] = np.packbits(mask.ravel())
+    np.testing.assert_array_equal(words.view(np.uint8), expected)
+    with pytest.raises(ValueError, match="packed"):
+        MaskPacker(106).finish()
 
 
 def test_streaming_variance_is_accurate_for_small_variances():
@@ -310,24 +359,23 @@ def test_class_scores_columns():
     row = class_scores(r, 1, r.mean[1], -r.mean_plogp[1])
     assert set(row) | {"case", "label", "n_members", "n_samples"} == set(SCORE_COLUMNS)
     assert row["pairwise_dice"] == pytest.approx(_exact_mean_pairwise_dice(masks))
-    assert row["pairwise_dice_pooled"] == pytest.approx(pooled_pairwise_dice(r.counts[1], r.volumes[:, 1]))
+    inter = np.array([[(a & b).sum() for b in masks] for a in masks])
+    assert row["pairwise_dice_pooled"] == pytest.approx(pooled_pairwise_dice(inter, inter.diagonal()))
     assert row["pairwise_dice"] != pytest.approx(row["pairwise_dice_pooled"])
     assert row["relunet_score"] == pytest.approx(relunet_score(r.mean[1], binary_entropy(r.mean[1])))
 
 
 def test_edge_cases_are_defined():
-    assert math.isnan(pooled_pairwise_dice(np.zeros(3), np.array([2])))  # one sample
-    assert pooled_pairwise_dice(np.zeros(3), np.array([0, 0])) == 1.0  # all empty: agreement
+    assert math.isnan(pooled_pairwise_dice(np.zeros((1, 1)), np.array([2])))  # one sample
+    assert pooled_pairwise_dice(np.zeros((2, 2)), np.array([0, 0])) == 1.0  # all empty: agreement
     assert math.isnan(labelled_uncertainty(np.zeros(4), np.ones(4)))
 
 
 @pytest.mark.parametrize("shape", [(7, 5, 9), (1, 6, 11), (13, 3, 4)])
 def test_slab_by_slab_accumulation_equals_numpy_on_the_whole_volume(shape, monkeypatch):
     """Issue 15: `add` works through slabs of the first spatial axis (here 1-2 rows, so the last slab is
-    partial); the statistics equal a float64 numpy computation on the whole stack of samples, the counts and
-    volumes exactly, and the counts sit in uint8 for <= 255 samples."""
-    from nnunet_kaz.uncertainty.streaming import count_dtype
-
+    partial); the statistics equal a float64 numpy computation on the whole stack of samples, the volumes and
+    the pairwise intersections exactly."""
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(7, 3, *shape)) * 3
     samples = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # softmax over 3 classes
@@ -336,15 +384,16 @@ def test_slab_by_slab_accumulation_equals_numpy_on_the_whole_volume(shape, monke
     for start in (0, 3, 4):  # batches of 3, 1, 3
         stats.add(torch.from_numpy(samples[start:start + {0: 3, 3: 1, 4: 3}[start]].astype(np.float32)))
     r = stats.result()
-    assert r.counts.dtype == np.uint8 and count_dtype(255) == torch.uint8 and count_dtype(256) == torch.int16
     np.testing.assert_allclose(r.mean, samples.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(r.variance, samples.var(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(r.mean_plogp, (samples * np.log(samples)).mean(0), rtol=1e-5, atol=1e-6)
     h = -(samples * np.log(samples)).sum(1) / np.log(3)
-    np.testing.assert_allclose(r.mean_entropy, h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.sample_entropy(), h.mean(0), rtol=1e-5, atol=1e-6)
     binary = samples >= 0.5
-    np.testing.assert_array_equal(r.counts, binary.sum(0))
     np.testing.assert_array_equal(r.volumes, binary.reshape(7, 3, -1).sum(-1))
+    for c in (1, 2):
+        brute = np.array([[(a & b).sum() for b in binary[:, c]] for a in binary[:, c]])
+        np.testing.assert_array_equal(r.intersections[c], brute)
     with pytest.raises(ValueError, match="after result"):
         stats.add(torch.from_numpy(samples[:1].astype(np.float32)))
 
@@ -368,10 +417,10 @@ def test_adding_logits_slab_by_slab_equals_adding_their_probabilities(regions, m
         whole.add(nonlin(logits[start:start + b]))
         slabs.add_logits(logits[start:start + b], nonlin)
     a, b = whole.result(), slabs.result()
-    for key in ("mean", "var", "mean_plogp", "mean_entropy"):
+    for key in ("mean", "var", "mean_plogp"):
         np.testing.assert_allclose(getattr(b, key), getattr(a, key), rtol=0, atol=3e-7, err_msg=key)
-    for key in ("counts", "volumes"):
-        np.testing.assert_array_equal(getattr(b, key), getattr(a, key), err_msg=key)
+    np.testing.assert_allclose(b.sample_entropy(), a.sample_entropy(), rtol=0, atol=3e-7)
+    np.testing.assert_array_equal(b.volumes, a.volumes)
     assert a.intersections.keys() == b.intersections.keys() == ({0, 1, 2} if regions else {1, 2})
     for c in a.intersections:
         np.testing.assert_array_equal(b.intersections[c], a.intersections[c])

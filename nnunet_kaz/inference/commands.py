@@ -29,7 +29,8 @@ def _predict(args: argparse.Namespace) -> int:
                                      calibration=calibration, postprocessing=chain,
                                      calibrated_entropy=args.calibrated_entropy, conformal=conformal,
                                      device_memory=None if args.device_memory is None else args.device_memory * 2**30,
-                                     verbose=not args.quiet, tta=args.tta)
+                                     device_processes=args.device_processes,
+                                     pairwise_dice=not args.no_pairwise_dice, verbose=not args.quiet, tta=args.tta)
     scores = predictor.predict_folder(args.i, args.o, args.overwrite, args.num_parts, args.part_id)
     flips = f" x {len(predictor.flips(0))} test-time flips" if args.tta else ""
     print(f"{len(predictor.models)} model(s) x {max(1, args.mc)} sample(s){flips}; outputs and scores.csv "
@@ -57,8 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="samples predicted together per tile (default: 1 on CPU, 8 on GPU; on a GPU bounded by "
                         "the memory a case may use)")
     p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
-                   help="GiB one case may use on the device (default: the GPU's free memory); accumulators that "
-                        "do not fit go to pinned CPU memory")
+                   help="GiB one case may use on the device (default: the GPU's free memory divided by "
+                        "--device-processes); accumulators that do not fit go to CPU memory")
+    p.add_argument("--device-processes", type=int, default=1, metavar="P",
+                   help="how many predict processes share this device, e.g. P when --num-parts P jobs run on one "
+                        "GPU: each takes 1/P of its free memory by default (default 1)")
+    p.add_argument("--no-pairwise-dice", action="store_true",
+                   help="do not keep the samples' masks for the exact pairwise Dice: less memory and time, the "
+                        "pairwise_dice and pairwise_dice_pooled scores are NaN")
     p.add_argument("--disable-tta", action="store_true",
                    help="no test-time mirroring. By default each sample is, as in nnUNetv2_predict, the mean of the "
                         "logits over every flip of the axes its member was trained to mirror (nnU-Net's within-sample "

@@ -63,9 +63,10 @@ class GeometryRestorer:
         maps the pages lazily: they take no memory until written)."""
         return np.zeros((n_channels, *self.shape), dtype=np.float32)
 
-    def maps(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """(K, *preprocessed) -> (K, *original), outside the crop `fill`."""
-        return self._uncrop(self._resample(array), fill)
+    def maps(self, array: np.ndarray, fill: float = 0.0, consume: bool = False) -> np.ndarray:
+        """(K, *preprocessed) -> (K, *original), outside the crop `fill`. `consume`: `array` is not needed
+        afterwards, so without resampling, cropping and transposing it is returned itself (float32), not copied."""
+        return self._uncrop(self._resample(array, copy=not consume), fill)
 
     def probabilities(self, probs: np.ndarray, regions: bool, consume: bool = False) -> np.ndarray:
         """Mean probabilities in the original geometry; background 1 outside the crop (nnU-Net's convention).

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, write_segmentation
 from nnunet_kaz.inference.members import Member, load_models, parse_member
-from nnunet_kaz.inference.sliding_window import predict_samples, set_mc_dropout, tta_flips
+from nnunet_kaz.inference.sliding_window import LogitOverflowError, predict_samples, set_mc_dropout, tta_flips
 from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy, slabs
@@ -58,36 +58,82 @@ def default_mc_batch(device: torch.device) -> int:
     return 1 if torch.device(device).type == "cpu" else 8
 
 
-def memory_budget(device: torch.device, device_memory: float | None = None) -> float:
-    """Bytes one case may use on `device`: `device_memory` if given, capped on a GPU by its free memory
-    (`torch.cuda.mem_get_info`, plus what torch's caching allocator holds unused); unlimited (inf) on the CPU
-    without `device_memory`."""
+def memory_budget(device: torch.device, device_memory: float | None = None, processes: int = 1) -> float:
+    """Bytes one case of this process may use on `device`: `device_memory` if given, else on a GPU its free memory
+    (`torch.cuda.mem_get_info`, plus what torch's caching allocator holds unused) divided by `processes`, the
+    number of predict processes sharing the device (e.g. `--num-parts` jobs on one GPU), so that each takes its
+    share instead of all of them placing on the device; an explicit `device_memory` is still capped by the free
+    memory. Unlimited (inf) on the CPU without `device_memory`."""
+    if processes < 1:
+        raise KazError(f"the number of processes sharing the device (device_processes) must be >= 1, got "
+                       f"{processes}", option="device_processes")
     budget = float("inf") if device_memory is None else float(device_memory)
     if device.type == "cuda":
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = min(budget, float(torch.cuda.mem_get_info(device)[0] + cached))
+        free = float(torch.cuda.mem_get_info(device)[0] + cached)
+        budget = min(budget, free if device_memory is not None else free / processes)
     return budget
 
 
-def case_placement(n_channels: int, n_voxels: int, n_samples: int, mc_batch: int, budget: float,
-                   input_channels: int = 1) -> tuple[bool, int]:
-    """(accumulators and stitched logits fit on the device, MC batch that fits) for one case (issue 15.2).
+def device_bytes(n_channels: int, n_voxels: int, window_voxels: int, n_samples: int, mc_batch: int,
+                 input_channels: int = 1, regions: bool = False, on_device: bool = True,
+                 image_itemsize: int = 4) -> int:
+    """Peak bytes one case puts on the network's device, from what `sample_case` allocates there (listed per voxel
+    in benchmarks/README.md; tests/test_gpu_paths.py counts them against what torch allocates). `n_voxels`: the
+    preprocessed volume's; `window_voxels`: those of the stitching window, a slab of the patch's depth (one slice
+    for a 2D patch) across the (padded) volume (`tiling.stitch_tiles`).
 
-    Counted per voxel of the preprocessed volume: the dense accumulators (`accumulator_bytes_per_voxel`), the
-    image and its padded copy (float32 per input channel) and the stitching weights (float16); per sample of a
-    batch, its stitched float16 logits (2 bytes per class: the probabilities go into the accumulators slab by
-    slab, `StreamingStats.add_logits`), and for a single sample also its float32 probabilities (6 bytes per
-    class, the probabilities then being the kept mean). When even one sample does
-    not fit, the accumulators and the stitching go to (pinned) CPU memory, as nnU-Net's predictor moves its
-    logits there, and only the tiles run on the device, one sample at a time (the smallest footprint, for a
-    case that is short of memory already). Otherwise the batch is the largest that fits, at most `mc_batch`.
-    Network activations are not counted (they are per tile, not per volume)."""
-    fixed = n_voxels * (accumulator_bytes_per_voxel(n_channels, n_samples) + 8 * input_channels + 2)
-    per_sample = n_voxels * n_channels * (6 if n_samples == 1 else 2)
-    if fixed + per_sample > budget:
+    - always, while a batch is stitched: the padded image, moved to the network's device for the batch
+      (float32 per input channel, `image_itemsize`);
+    - accumulators on the device (`on_device`): the stitching window, float16 logits of the batch's samples and
+      float16 weights (2 C per sample of the batch + 2 bytes per window voxel; its final rows go into the
+      accumulators as they are done, so no batch's logits exist whole), and for several samples the dense
+      accumulators (`accumulator_bytes_per_voxel`: 12 C per voxel, + 4 for regions); one sample's mean is made in
+      CPU memory, where it is exported (nnU-Net's predictor holds its whole float16 logits on the device instead:
+      2 C + 2 + 4 bytes per voxel);
+    - accumulators in CPU memory (not `on_device`): the image only.
+    Network activations are per tile and not counted."""
+    image = image_itemsize * input_channels * n_voxels
+    if not on_device:
+        return image
+    window = (2 * n_channels * mc_batch + 2) * window_voxels
+    accumulators = 0 if n_samples == 1 else accumulator_bytes_per_voxel(n_channels, n_samples, regions) * n_voxels
+    return image + window + accumulators
+
+
+def case_placement(n_channels: int, n_voxels: int, n_samples: int, mc_batch: int, budget: float,
+                   input_channels: int = 1, regions: bool = False, window_voxels: int = 0) -> tuple[bool, int]:
+    """(accumulators and stitching fit on the device, MC batch that fits) for one case (issue 15.2):
+    `device_bytes` against `budget`. When even one sample does not fit, the accumulators and the stitching go to
+    CPU memory, as nnU-Net's predictor moves its logits there, and only the tiles run on the device, one sample
+    at a time (the smallest footprint, for a case that is short of memory already). Otherwise the batch is the
+    largest that fits, at most `mc_batch`."""
+    def need(batch: int) -> float:
+        return device_bytes(n_channels, n_voxels, window_voxels, n_samples, batch, input_channels, regions)
+
+    if need(1) > budget:
         return False, 1
-    room = budget - fixed
-    return True, int(max(1, min(mc_batch, room // per_sample))) if np.isfinite(room) else mc_batch
+    if not np.isfinite(budget):
+        return True, mc_batch
+    per_sample = need(2) - need(1)  # 2 C bytes per window voxel and sample of a batch
+    room = budget - need(1)
+    return True, int(max(1, min(mc_batch, 1 + room // per_sample))) if per_sample > 0 else mc_batch
+
+
+# torch's out-of-memory error: torch.OutOfMemoryError since torch 2.5, torch.cuda.OutOfMemoryError before (issue 23.2)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def is_out_of_memory(error: BaseException, network_on_cuda: bool) -> bool:
+    """Whether `sample_or_retry` redoes a case after `error`: torch's out-of-memory error on any device
+    (`torch.OutOfMemoryError`, torch >= 2.5; `torch.cuda.OutOfMemoryError` before), and, while the network runs
+    on CUDA, any RuntimeError, as nnU-Net's predictor catches it (`predict_sliding_window_return_logits`):
+    cuDNN reports a workspace it cannot allocate as a plain RuntimeError (CUDNN_STATUS_NOT_ENOUGH_WORKSPACE,
+    CUDNN_STATUS_ALLOC_FAILED, "cuDNN error: ..."), as do some CUDA allocations made outside torch's allocator."""
+    if isinstance(error, OUT_OF_MEMORY):
+        return True
+    return network_on_cuda and isinstance(error, RuntimeError) and not isinstance(error, LogitOverflowError)
+
 
 
 class UncertaintyPredictor:
@@ -105,9 +151,15 @@ class UncertaintyPredictor:
     def __init__(self, members: Sequence[Member], mc: int = 0, mirror: bool = True, tile_step_size: float = 0.5,
                  device: str | torch.device = "auto", mc_batch: int | None = None, seed: int = 0,
                  verbose: bool = True, calibration=None, postprocessing=None, calibrated_entropy: bool = False,
-                 conformal=None, device_memory: float | None = None, tta: bool = False):
+                 conformal=None, device_memory: float | None = None, device_processes: int = 1,
+                 pairwise_dice: bool = True, tta: bool = False):
         self.device = resolve_device(device)
-        self.device_memory = device_memory  # bytes a case may use on the device (`memory_budget`); None: all
+        self.device_memory = device_memory  # bytes a case may use on the device (`memory_budget`); None: its share
+        self.device_processes = device_processes  # predict processes sharing the device (`memory_budget`)
+        if device_processes < 1:
+            raise KazError(f"the number of processes sharing the device (device_processes) must be >= 1, got "
+                           f"{device_processes}", option="device_processes")
+        self.pairwise_dice = pairwise_dice  # False: no sample masks kept, pairwise_dice(_pooled) scores NaN
         if self.device.type == "cuda":  # as nnUNetPredictor.__init__: cuDNN picks the fastest kernels per shape
             torch.backends.cudnn.benchmark = True
         mc_batch = default_mc_batch(self.device) if mc_batch is None else mc_batch
@@ -173,39 +225,69 @@ class UncertaintyPredictor:
         """Stream every model's samples (x its test-time flips with `tta`) of one preprocessed case into the
         accumulators.
 
-        The accumulators and the stitched logits live on the device when they fit its memory (`case_placement`),
-        else (or with `on_cpu`, the retry after a CUDA out-of-memory error) in pinned CPU memory; the MC batch
-        is the largest that fits, at most `mc_batch`."""
+        The accumulators and the stitched logits live on the device when they fit the memory budget
+        (`case_placement`, `memory_budget`), else (or with `on_cpu`, the retry after an out-of-memory error) in
+        CPU memory, with the samples predicted one at a time; on the device the MC batch is the largest that
+        fits, at most `mc_batch`. Precision does not depend on the placement (README, "On a GPU: placement,
+        precision and memory"): the network runs under autocast whenever it is on CUDA, the logits are stitched in
+        float16 and the probabilities accumulated in float32 wherever the accumulators are."""
         n_heads = self.label_manager.num_segmentation_heads
         n_per_model = max(1, self.mc)
         flips = [self.flips(m) for m in range(len(self.models))]
         n_total = n_per_model * sum(len(f) for f in flips)
         fits, mc_batch = case_placement(n_heads, int(np.prod(data.shape[1:])), n_total, self.mc_batch,
-                                        memory_budget(self.device, self.device_memory), int(data.shape[0]))
-        results_device = self.device if fits and not on_cpu else torch.device("cpu")
-        stats = StreamingStats(n_heads, tuple(data.shape[1:]), self.regions, results_device, max_samples=n_total,
-                               pin_memory=self.device.type == "cuda")
-        self.case_mc_batch, self.case_device = mc_batch, results_device  # what this case ran with
-        chunks = [min(mc_batch, n_per_model - i) for i in range(0, n_per_model, mc_batch)]
+                                        memory_budget(self.device, self.device_memory, self.device_processes),
+                                        int(data.shape[0]), self.regions, self.window_voxels(data.shape[1:]))
+        if on_cpu:
+            fits, mc_batch = False, 1
+        results_device = self.device if fits else torch.device("cpu")
+        self.case_mc_batch, self.case_device = mc_batch, results_device  # what this case runs with
+        # one sample: stitched on the device, its probabilities (the mean) made slab by slab in CPU memory, where
+        # it is exported: the device holds the image and the stitching window only (`device_bytes`)
+        stats = StreamingStats(n_heads, tuple(data.shape[1:]), self.regions,
+                               torch.device("cpu") if n_total == 1 else results_device, max_samples=n_total,
+                               pairwise_channels=None if self.pairwise_dice else ())
         bar = tqdm(total=n_total, desc=f"  {case} samples", leave=False, disable=not progress)
+        for net, b, mirror_axes, keys, flip in self.sample_batches(case, mc_batch):
+            # the stitched logits go into the accumulators slab by slab as they become final (probabilities made
+            # slab by slab): neither the batch's logits nor its probabilities ever exist whole (issues 15, 23.7)
+            batch = stats.batch(b, self.probabilities)
+            predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes, results_device,
+                            sample_keys=keys, flip=flip, emit=batch.slab)
+            batch.end()
+            bar.update(b)
+        bar.close()
+        return stats.result()
+
+    def window_voxels(self, spatial_shape) -> int:
+        """Voxels of the stitching window for an image of `spatial_shape` (`tiling.stitch_tiles`): the patch's
+        depth (one slice for a 2D patch) across the image's other axes, padded to the patch; the largest over
+        the models."""
+        n = len(spatial_shape)
+        sizes = [1]
+        for patch in {tuple(int(p) for p in m.patch_size) for m in self.models}:
+            depth = patch[0] if len(patch) == n else 1
+            sizes.append(depth * int(np.prod([max(int(s), q) for s, q in zip(spatial_shape[1:], patch[1 - n:])])))
+        return max(sizes)
+
+    def sample_batches(self, case: str, mc_batch: int):
+        """The batches `sample_case` predicts, in order: (network ready to run, batch size, mirror axes, the
+        batch's sample keys or None, the test-time flip or None). Sample k of model m (and flip f >= 1 with
+        `tta`) draws its masks from its own stream (seed, crc32(case), m, k[, f]), whatever the batch (class
+        docstring). Also what benchmarks time the forward passes alone with (`predict_samples(..., stitch=False)`)."""
+        n_per_model = max(1, self.mc)
+        flips = [self.flips(m) for m in range(len(self.models))]
         case_seed = zlib.crc32(case.encode())
         for m_index, model in enumerate(self.models):
             net = model.ready()
             set_mc_dropout(net, self.mc > 0)
             mirror_axes = net.mirror_axes if self.mirror else None
             for f_index, flip in enumerate(flips[m_index]):
-                for start, b in zip(range(0, n_per_model, mc_batch), chunks):
-                    # sample k's masks from its own stream (seed, case, m, k[, flip f]), whatever the batch
+                for start in range(0, n_per_model, mc_batch):
+                    b = min(mc_batch, n_per_model - start)
                     keys = [(self.seed, case_seed, m_index, k, *((f_index,) if f_index else ()))
                             for k in range(start, start + b)] if self.mc > 0 else None
-                    logits = predict_samples(net, data, net.patch_size, n_heads, b, self.step, mirror_axes,
-                                             results_device, sample_keys=keys, flip=flip)
-                    # probabilities slab by slab into the accumulators: never the batch's whole float32 volume
-                    stats.add_logits(logits, self.probabilities)
-                    del logits  # before the next batch is stitched (one batch of logits alive at a time)
-                    bar.update(b)
-        bar.close()
-        return stats.result()
+                    yield net, b, mirror_axes, keys, flip
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) logits of B samples -> each sample's probabilities with nnU-Net's own nonlinearity
@@ -234,16 +316,20 @@ class UncertaintyPredictor:
         004's U(x) is exported one class at a time, for that class's score only."""
         geo = GeometryRestorer(self.plans_manager, self.configuration_manager, props)
         single = stats.n_samples == 1  # then MI and the variance are 0 by definition (one sample is its own mean)
-        # several samples: the scores need the mean no more (U(x) comes from mean_plogp), so it may be overwritten
-        raw = geo.probabilities(stats.mean, self.regions, consume=not single)
-        sample_entropy = None if single else geo.maps(stats.sample_entropy()[None])[0]
+        n_channels = stats.mean.shape[0]
+        # the mean is overwritten by the output probabilities where nothing is resampled (no copy): several
+        # samples' U(x) comes from mean_plogp; one sample's from the mean as clipped and renormalised there (the
+        # softmax's own values within float32 rounding)
+        raw = geo.probabilities(stats.mean, self.regions, consume=True)
+        sample_entropy = None if single else geo.maps(stats.sample_entropy()[None], consume=True)[0]
         stats.mean_entropy = None
         if not single:
             stats.mean = None
         ratio = geo.voxel_volume_ratio
+        # each class's U(x), nats, in place of its p ln p and not copied where nothing is resampled (issue 23.7)
         rows = [{"label": label, **class_scores(stats, channel, raw[channel],
-                                                geo.maps(stats.u_sample(channel)[None])[0],  # U(x), nats
-                                                ratio),
+                                                geo.maps(stats.u_sample(channel, consume=True)[None],
+                                                         consume=True)[0], ratio),
                  "n_members": len(self.models), "n_samples": stats.n_samples}
                 for channel, label in self._foreground()]
         stats.mean = stats.mean_plogp = None  # (one sample: U(x) and the entropy came from the mean)
@@ -251,11 +337,11 @@ class UncertaintyPredictor:
         # one sample: zeros made in the output geometry, which take no memory until written (issue 15)
         if single:
             mi = geo.zeros(1)[0]
-        else:
-            mi = entropy - sample_entropy
+        else:  # in place of the sample entropy
+            mi = np.subtract(entropy, sample_entropy, out=sample_entropy)
             np.clip(mi, 0.0, None, out=mi)
         del sample_entropy
-        variance = geo.zeros(stats.counts.shape[0]) if single else geo.maps(stats.variance)
+        variance = geo.zeros(n_channels) if single else geo.maps(stats.variance, consume=True)
         stats.var = None
         result = {"probabilities": raw, "entropy": entropy, "mutual_information": mi.astype(np.float32, copy=False),
                   "variance": variance, "scores": rows}
@@ -323,19 +409,24 @@ class UncertaintyPredictor:
         return result
 
     def sample_or_retry(self, data: torch.Tensor, case: str, progress: bool = False) -> AccumulatedStats:
-        """`sample_case`; an out-of-memory error of the device (CUDA's) while sampling redoes the case once with
-        the accumulators and the stitching in CPU memory (`on_cpu`), with one warning, instead of ending the run
-        (issue 15.2). Nothing of the case is written before its samples are complete."""
+        """`sample_case`; an out-of-memory error while sampling (`is_out_of_memory`: what nnU-Net's predictor
+        catches) redoes the case once, with one warning, with the accumulators and the stitching in CPU memory
+        and one sample at a time (`on_cpu`), the network still on its device under the same autocast, instead of
+        ending the run (issues 15.2, 23.1). An attempt that had nothing to give up (already in CPU memory at MC
+        batch 1) is not repeated. Nothing of the case is written before its samples are complete."""
         try:
             return self.sample_case(data, case, progress)
-        except torch.OutOfMemoryError:  # CUDA's (the CPU allocator raises a plain RuntimeError)
-            pass
+        except Exception as error:
+            if not is_out_of_memory(error, self.device.type == "cuda") or (
+                    self.case_device.type == "cpu" and self.case_mc_batch == 1):
+                raise
+            first = f"{self.case_device.type}, MC batch {self.case_mc_batch}"
         # outside the except block: the failed attempt's tensors, held by the traceback, are freed by now
         from nnunetv2.utilities.helpers import empty_cache
 
         empty_cache(self.device)
-        warnings.warn(f"{case}: out of memory on {self.device}; predicting this case again with its accumulators "
-                      "in CPU memory")
+        warnings.warn(f"{case}: out of memory on {self.device} (accumulators on {first}); predicting this case "
+                      "again with its accumulators in CPU memory, one sample at a time", stacklevel=2)
         return self.sample_case(data, case, progress, on_cpu=True)
 
     def segment(self, probs: np.ndarray, image_files: list[str], props: dict) -> tuple[np.ndarray, np.ndarray | None]:
@@ -412,9 +503,11 @@ class UncertaintyPredictor:
                                        for m in self.members],
                            "mc": self.mc, "mc_batch": self.mc_batch, "mirror": self.mirror, "tta": self.tta,
                            "tta_flips": [list(f) for f in self.flips(0)] if self.tta else None,
+                           "device_memory": self.device_memory, "device_processes": self.device_processes,
                            "tile_step_size": self.step, "seed": self.seed, "n_models": len(self.models),
                            "uncertainty_from": "uncalibrated samples",
-                           "calibrated_entropy": self.calibrated_entropy and self.calibration is not None}, output_dir / "predict_args.json")
+                           "calibrated_entropy": self.calibrated_entropy and self.calibration is not None,
+                           "pairwise_dice": self.pairwise_dice}, output_dir / "predict_args.json")
 
 
 def collect_scores(output_dir: Path) -> pd.DataFrame:

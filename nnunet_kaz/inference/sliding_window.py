@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,18 @@ from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.tiling import network_placement, stitch_tiles
 from nnunet_kaz.trainers.seeding import derive_seed
 from nnunet_kaz.uncertainty.measures import slabs
+
+
+class LogitOverflowError(RuntimeError):
+    """A stitched float16 logit overflowed (as nnU-Net's own check raises it): the same on any retry."""
+
+
+def network_autocast(network_device: torch.device):
+    """The precision rule of every forward pass (README, "On a GPU: placement, precision and memory"): autocast
+    (float16 where safe) whenever the network runs on CUDA, as nnU-Net's predictor, wherever the results are
+    stitched and accumulated; nothing on the CPU (nnU-Net disables autocast there too: CPU autocast means
+    bfloat16)."""
+    return torch.autocast("cuda") if torch.device(network_device).type == "cuda" else nullcontext()
 
 
 def dropout_modules(network: nn.Module) -> list[nn.Module]:
@@ -174,7 +186,8 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
                     n_samples: int, tile_step_size: float = 0.5, mirror_axes: Sequence[int] | None = None,
                     device: torch.device | str | None = None,
                     sample_keys: Sequence[Sequence[int]] | None = None,
-                    flip: Sequence[int] | None = None) -> torch.Tensor:
+                    flip: Sequence[int] | None = None, stitch: bool = True,
+                    emit: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Sliding-window logits of `n_samples` samples for a preprocessed image (C_in, *spatial): (B, C, *spatial),
     on `device` (default: the network's).
 
@@ -183,12 +196,19 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
     tuple per sample): sample b's dropout masks on tile t come from a generator seeded by (*key_b, t) on the
     network's device (module docstring), so they do not depend on `n_samples`; None: torch's global generator.
     `flip` (spatial axes, () the identity): the logits of that one test-time flip (module docstring).
+    `stitch=False`: the same forward passes on the same tiles, their outputs dropped (None): the networks' share
+    of a prediction, for the benchmarks. `emit`: the stitched logits are handed over slab by slab of the first
+    spatial axis as they become final, `emit(slice, (B, C, rows, *rest) float16 view)`, and never held whole
+    (`stitch_tiles`); None is returned.
     """
-    device = torch.device(device) if device is not None else network_placement(network)[0]
-    autocast = torch.autocast(device.type) if device.type == "cuda" else nullcontext()
+    network_device = network_placement(network)[0]
+    device = torch.device(device) if device is not None else network_device
+    # autocast follows the network's device, not the results device: a case whose accumulators went to CPU
+    # memory (or the retry after an out-of-memory error) runs the network in the same precision (issue 23.1)
+    autocast = network_autocast(network_device)
     if sample_keys is not None and len(sample_keys) != n_samples:
         raise ValueError(f"{len(sample_keys)} sample keys (sample_keys) for {n_samples} samples (n_samples)")
-    streams = SampleStreams(sample_keys, network_placement(network)[0]) if sample_keys is not None else None
+    streams = SampleStreams(sample_keys, network_device) if sample_keys is not None else None
     tiles = itertools.count()
 
     def tile_logits(tile: torch.Tensor) -> torch.Tensor:
@@ -200,9 +220,16 @@ def predict_samples(network: nn.Module, data: torch.Tensor, patch_size: Sequence
             raise RuntimeError(f"the network gives {out.shape[1]} outputs, {n_outputs} expected")
         return out
 
+    def checked(rows: slice, part: torch.Tensor) -> None:
+        # slab by slab: torch.isinf of a float16 volume makes an abs copy and a bool map (6 bytes / voxel / class)
+        if any(torch.isinf(part[:, :, sl]).any() for sl in slabs(part.shape[2:])):
+            raise LogitOverflowError("inf in the accumulated logits (float16 overflow); nnU-Net has the same limit")
+        if emit is not None:
+            emit(rows, part)
+
     with per_sample_dropout(network, streams) if streams is not None else nullcontext():
-        logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half)
-    # slab by slab: torch.isinf of a float16 volume makes an abs copy and a bool map (6 bytes per voxel and class)
-    if any(torch.isinf(logits[:, :, sl]).any() for sl in slabs(logits.shape[2:])):
-        raise RuntimeError("inf in the accumulated logits (float16 overflow); nnU-Net has the same limit")
+        logits = stitch_tiles(tile_logits, data, patch_size, tile_step_size, network, device, torch.half,
+                              stitch=stitch, emit=checked if emit is not None else None)
+    if logits is not None:  # returned whole: checked whole
+        checked(slice(None), logits)
     return logits

@@ -74,12 +74,22 @@ def network_placement(network: nn.Module) -> tuple[torch.device, torch.dtype]:
 def stitch_tiles(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], data: torch.Tensor,
                  patch_size: Sequence[int], step: float = 0.5, network: nn.Module | None = None,
                  accumulate_device: torch.device | str = "cpu", accumulate_dtype: torch.dtype = torch.float32,
-                 progress: str | None = None) -> torch.Tensor:
+                 progress: str | None = None, stitch: bool = True,
+                 emit: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Apply `fn` to every nnU-Net tile of `data` (C, *spatial) and stitch its outputs (module docstring).
 
     `fn` gets one tile (1, C, *patch) on the network's device and dtype (`network`; else as `data` is), a view of
     the padded image moved there once, and returns any (*lead, *patch) array; the result is (*lead, *spatial) on
-    `accumulate_device`."""
+    `accumulate_device`.
+
+    The sums are kept for a window of the first spatial axis only, as deep as the patch (one slice for a 2D patch
+    on a 3D image): nnU-Net's tiles run the first axis outermost, so once a tile starts further down that axis,
+    every slice above its start is final (issue 23.7). Final slices are divided by their weights and written into
+    the result, or, with `emit`, handed over as `emit(slice of the first spatial axis of `data`, (*lead, rows,
+    *rest) view)` in order and never held whole (the view is reused after `emit` returns). Each voxel gets the
+    same sums in the same tile order as on a whole-volume buffer, so the values are the same bit for bit.
+    `stitch=False`: `fn` runs on every tile and its outputs are dropped (None is returned): what the tiles cost
+    without the stitching (benchmarks)."""
     from tqdm import tqdm
 
     patch_size = tuple(int(p) for p in patch_size)
@@ -89,18 +99,57 @@ def stitch_tiles(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], data: 
     device, dtype = network_placement(network) if network is not None else (data.device, data.dtype)
     padded = padded.to(device=device, dtype=dtype)  # once per image; the tiles are views of it
     acc_device = torch.device(accumulate_device)
-    gaussian = gaussian_weights(patch_size, acc_device, accumulate_dtype)
-    weights = torch.zeros(shape, dtype=accumulate_dtype, device=acc_device)
-    total = None
+    per_slice = len(patch_size) == len(shape) - 1
+    depth = 1 if per_slice else patch_size[0]
+    crop = tuple(revert[1:])  # the padding off each spatial axis
+    first, last = crop[0].start or 0, crop[0].stop if crop[0].stop is not None else shape[0]
+    gaussian = gaussian_weights(patch_size, acc_device, accumulate_dtype) if stitch else None
+    weights = torch.zeros((depth, *shape[1:]), dtype=accumulate_dtype, device=acc_device) if stitch else None
+    state = {"window": None, "result": None, "lo": 0}
+
+    def flush(upto: int) -> None:
+        """Rows [lo, upto) of the padded first axis are final: divide, hand over, shift the window."""
+        window, lo = state["window"], state["lo"]
+        k = upto - lo
+        if k <= 0:
+            return
+        lead = (slice(None),) * (window.ndim - len(shape))
+        rows = lead + (slice(0, k),)
+        torch.div(window[rows], weights[:k], out=window[rows])
+        a, b = max(lo, first), min(upto, last)
+        if a < b:
+            part = window[lead + (slice(a - lo, b - lo), *crop[1:])]
+            if emit is not None:
+                emit(slice(a - first, b - first), part)
+            else:
+                if state["result"] is None:
+                    state["result"] = torch.empty((*window.shape[:len(lead)], *data.shape[1:]),
+                                                  dtype=accumulate_dtype, device=acc_device)
+                state["result"][lead + (slice(a - first, b - first),)] = part
+        if k < depth:  # the rows below move up; the freed rows start from zero
+            window[lead + (slice(0, depth - k),)] = window[lead + (slice(k, depth),)].clone()
+            weights[: depth - k] = weights[k:].clone()
+        window[lead + (slice(depth - k, depth),)] = 0
+        weights[depth - k:] = 0
+        state["lo"] = upto
+
     for sl in tqdm(slicers, desc=progress, disable=progress is None, leave=False):
         tile = padded[sl][None]
         out = fn(tile)
+        if not stitch:
+            continue
         out = (torch.from_numpy(np.asarray(out)) if not isinstance(out, torch.Tensor) else out).to(acc_device)
         lead = out.ndim - len(patch_size)
-        if total is None:
-            total = torch.zeros((*out.shape[:lead], *shape), dtype=accumulate_dtype, device=acc_device)
+        if state["window"] is None:
+            state["window"] = torch.zeros((*out.shape[:lead], depth, *shape[1:]), dtype=accumulate_dtype,
+                                          device=acc_device)
+        start = sl[1] if per_slice else sl[1].start
+        flush(start)  # every row above this tile's start is final
+        inside = (0 if per_slice else slice(0, patch_size[0]), *sl[2:])
         out *= gaussian
-        total[(slice(None),) * lead + sl[1:]] += out
-        weights[sl[1:]] += gaussian
-    torch.div(total, weights, out=total)
-    return total[(slice(None),) * (total.ndim - len(shape)) + tuple(revert[1:])]
+        state["window"][(slice(None),) * lead + inside] += out
+        weights[inside] += gaussian
+    if not stitch:
+        return None
+    flush(shape[0])
+    return state["result"]

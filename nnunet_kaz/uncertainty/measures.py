@@ -130,8 +130,8 @@ def relunet_contour(mask: np.ndarray, convention: str = "authors") -> np.ndarray
     return ndimage.binary_dilation(mask, structure) & ~mask
 
 
-def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.ndarray | None = None,
-                  convention: str = "authors") -> float:
+def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray | None, structure: np.ndarray | None = None,
+                  convention: str = "authors", entropy_total: float | None = None) -> float:
     """Rel-UNet's per-image uncertainty score (paper 002 eq. 5-9) for one class.
 
     I = (mean probability of the class > 0.5) (eq. 5, `relunet_mask`), H_total = sum of `entropy_map` over the
@@ -146,7 +146,8 @@ def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.nd
       threshold (score < 0.5: Dice > 80%) come from that code, so they live on this scale.
     - "eq9" (`relunet_score_eq9`): the plain ratio of eq. 9 with the same A, 2.55 x the authors' value.
     - "cross" (`relunet_score_cross`): the plain ratio with A = the face-connected cross over all axes.
-    An explicit `structure` replaces A (plain ratio). An empty mask has no contour: NaN.
+    An explicit `structure` replaces A (plain ratio). An empty mask has no contour: NaN. `entropy_total`:
+    H_total itself, for a caller that summed the entropy without keeping its map (`entropy_map` is then not read).
     """
     mask = relunet_mask(p_class)
     if structure is not None:
@@ -155,14 +156,23 @@ def relunet_score(p_class: np.ndarray, entropy_map: np.ndarray, structure: np.nd
         contour = relunet_contour(mask, convention)
         factor = RELUNET_AUTHORS_FACTOR if convention == "authors" else 1.0
     n = int(np.count_nonzero(contour))
-    return float(factor * float(np.sum(entropy_map, dtype=np.float64)) / n) if n else float("nan")
+    total = _entropy_total(entropy_map, entropy_total)
+    return float(factor * total / n) if n else float("nan")
 
 
-def relunet_scores(p_class: np.ndarray, entropy_map: np.ndarray) -> dict[str, float]:
+def _entropy_total(entropy_map: np.ndarray | None, entropy_total: float | None) -> float:
+    if entropy_total is not None:
+        return float(entropy_total)
+    return float(np.sum(entropy_map, dtype=np.float64))
+
+
+def relunet_scores(p_class: np.ndarray, entropy_map: np.ndarray | None = None,
+                   entropy_total: float | None = None) -> dict[str, float]:
     """The three conventions of `relunet_score` at once, as scores.csv's columns `relunet_score` (authors),
-    `relunet_score_eq9` and `relunet_score_cross`: the mask, H_total and the 3x3-square ring are computed once."""
+    `relunet_score_eq9` and `relunet_score_cross`: the mask, H_total and the 3x3-square ring are computed once.
+    `entropy_total` replaces the map's sum, as in `relunet_score`."""
     mask = relunet_mask(p_class)
-    total = float(np.sum(entropy_map, dtype=np.float64))
+    total = _entropy_total(entropy_map, entropy_total)
     square = int(np.count_nonzero(relunet_contour(mask, "eq9")))
     cross = int(np.count_nonzero(relunet_contour(mask, "cross")))
     ratio = (lambda n: total / n if n else float("nan"))  # noqa: E731
@@ -202,17 +212,18 @@ def mean_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
     return float(dice.mean())
 
 
-def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
+def pooled_pairwise_dice(intersections: np.ndarray, volumes: np.ndarray) -> float:
     """A pooled variant of paper 004's mean pairwise Dice (not the paper's definition, which is
     `mean_pairwise_dice`; kept as the `pairwise_dice_pooled` column): one ratio over all pairs,
 
         D_pooled = 2 * sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
-                 = 2 * sum_x C(k_x, 2) / ((N - 1) * sum_i |S_i|),
+                 = 2 * sum_{i<j} |S_i & S_j| / ((N - 1) * sum_i |S_i|),
 
-    with k_x the number of samples whose mask holds voxel x (`count_map`) and N the number of samples. It
-    equals the mean of the pairwise Dice scores when all samples have the same volume and is biased upward
-    when they do not (nine identical samples and one empty: 0.889 against the paper's 0.800). Fewer than two
-    samples: NaN. All samples empty: 1 (they agree).
+    from the (N, N) matrix of pairwise intersections (the same one `mean_pairwise_dice` reads; equal to
+    2 sum_x C(k_x, 2) / ((N - 1) sum_i |S_i|) with k_x the number of masks holding voxel x). It equals the mean
+    of the pairwise Dice scores when all samples have the same volume and is biased upward when they do not
+    (nine identical samples and one empty: 0.889 against the paper's 0.800). Fewer than two samples: NaN. All
+    samples empty: 1 (they agree).
     """
     v = np.asarray(volumes, dtype=np.float64)
     n = v.size
@@ -220,8 +231,8 @@ def pooled_pairwise_dice(count_map: np.ndarray, volumes: np.ndarray) -> float:
         return float("nan")
     if v.sum() == 0:
         return 1.0
-    k = count_map.astype(np.float64)
-    return float(2.0 * (k * (k - 1) / 2).sum() / ((n - 1) * v.sum()))
+    inter = np.asarray(intersections, dtype=np.float64)
+    return float(2.0 * inter[np.triu_indices(n, 1)].sum() / ((n - 1) * v.sum()))
 
 
 def labelled_uncertainty(mean_p_class: np.ndarray, mean_sample_u: np.ndarray) -> float:

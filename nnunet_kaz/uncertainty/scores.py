@@ -9,11 +9,10 @@ import numpy as np
 
 from nnunet_kaz.uncertainty.measures import (
     binary_entropy,
-    by_slabs,
     coefficient_of_variation,
     labelled_uncertainty,
-    pooled_pairwise_dice,
     relunet_scores,
+    slabs,
 )
 from nnunet_kaz.uncertainty.streaming import AccumulatedStats
 
@@ -35,13 +34,15 @@ def class_scores(stats: AccumulatedStats, channel: int, p_class: np.ndarray, u_s
       face-connected cross over all axes (`measures.relunet_score`);
     - cv: paper 004's Var(V_i) / (E[V_i] + 1);
     - pairwise_dice: paper 004's exact mean over sample pairs of their Dice; pairwise_dice_pooled: one pooled
-      ratio over all pairs (biased upward when sample volumes differ);
+      ratio over all pairs (biased upward when sample volumes differ); both NaN when the class's masks were not
+      tracked (`predict --no-pairwise-dice`, `UncertaintyPredictor(pairwise_dice=False)`) or for one sample;
     - labelled_uncertainty: paper 004's mean U over voxels with mean p >= 0.5.
     """
-    h_bits = by_slabs(binary_entropy, p_class)
-    return {"mean_entropy": float(h_bits.mean()),
-            **relunet_scores(p_class, h_bits),
+    # the binary entropy summed slab by slab (float64): its map is never held whole (issue 23.7)
+    h_total = sum(float(binary_entropy(p_class[sl]).sum(dtype=np.float64)) for sl in slabs(p_class.shape))
+    return {"mean_entropy": h_total / p_class.size,
+            **relunet_scores(p_class, entropy_total=h_total),
             "cv": coefficient_of_variation(stats.volumes[:, channel] * voxel_volume_ratio),
             "pairwise_dice": stats.pairwise_dice(channel),
-            "pairwise_dice_pooled": pooled_pairwise_dice(stats.counts[channel], stats.volumes[:, channel]),
+            "pairwise_dice_pooled": stats.pooled_pairwise_dice(channel),
             "labelled_uncertainty": labelled_uncertainty(p_class, u_sample)}
