@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 PLAIN, MHEX = "XBoundNetTrainer_debug", "nnUNetTrainerMHEX_debug"  # MHEX+ heads on nnU-Net's U-Net (>= 3 stages)
 # 3D: refine fits on the predicted component, and the seeded 6-iteration member predicts none on the BIG volume
 MHEX_3D = "nnUNetTrainerMHEX_demo"
+REFINE_MEMBER = "XBoundNetTrainer_demo_seed0"  # test_refine_cli's member (one training per session)
 PATCH_2D = (64, 80)
 SIZES_2D = {"A": (64, 72), "B": (49, 69)}  # B: odd sizes, which no network stride divides
 
@@ -110,18 +111,28 @@ def test_mhex_2d_smaller_than_the_patch_equals_one_padded_pass(tiny_kaz, odd_2d,
 
 
 def test_refine_2d_smaller_than_the_patch(tiny_kaz, odd_2d, tmp_path):
-    member = _with_patch(tiny_kaz.train(PLAIN), tmp_path, PATCH_2D)
+    """`refine fit` and `apply` on images smaller than the patch, each against nnU-Net's own sliding window on the
+    same network (`assert_refined_is_nnunets_prediction_outside_the_roi`; ROI margin 0, so that these small images
+    have voxels outside it). The seeded demo member of test_refine_cli: the debug member predicts every voxel of
+    these images as foreground, which would leave nothing outside the ROI to compare."""
+    member = _with_patch(tiny_kaz.train(REFINE_MEMBER), tmp_path, PATCH_2D)
     refiner = tmp_path / "refiner.json"
     run(["nnunet-kaz", "refine", "fit", "-m", f"{member}:0", "-i", str(odd_2d / "images"), "--gt",
-         str(odd_2d / "labels"), "-o", str(refiner), "--iterations", "50", "-device", "cpu"], tiny_kaz.env)
+         str(odd_2d / "labels"), "-o", str(refiner), "--iterations", "50", "--margin", "0", "-device", "cpu"],
+        tiny_kaz.env)
     out = tmp_path / "refined"
     run(["nnunet-kaz", "refine", "apply", "-m", f"{member}:0", "-i", str(odd_2d / "images"), "--refiner",
          str(refiner), "-o", str(out), "--gt", str(odd_2d / "labels"), "-device", "cpu"], tiny_kaz.env)
     table = pd.read_csv(out / "refinement_effect.csv")
     assert list(table.case) == ["A", "B", "mean"]
+    outside = 0
     for case, shape in SIZES_2D.items():
         assert np.asarray(Image.open(out / f"{case}.png")).shape == shape
         assert np.load(out / f"{case}.npz")["probabilities"].shape[-2:] == shape
+        outside += assert_refined_is_nnunets_prediction_outside_the_roi(
+            member, odd_2d / "images" / f"{case}_0000.png", odd_2d / "labels" / f"{case}.png", out, case,
+            REFINE_MEMBER, 0)
+    assert outside > 0
 
 
 # --- 3D: a volume larger than the patch in every axis ---------------------------------------------------------
@@ -212,40 +223,59 @@ def big_refiner(tiny_kits, tmp_path_factory):
     return refiner
 
 
-def test_refine_on_a_3d_volume_larger_than_the_patch_against_nnunets_predictor(tiny_kits, big_refiner, tmp_path):
-    """The unrefined probabilities of `refine apply` are those of nnU-Net's own sliding window
+def assert_refined_is_nnunets_prediction_outside_the_roi(member, image, label, out, case, trainer,
+                                                         margin: int = 5) -> int:
+    """What `refine apply` wrote for `case` into `out` against nnU-Net's own sliding window
     (`nnUNetPredictor.predict_sliding_window_return_logits`, no mirroring, as refine) on the same network, softmax
-    in float32: outside the ROI the output keeps them (1e-6: float32 rounding of the softmax), the ROI is the
-    bounding box of their class-1 argmax enlarged by the default margin of 5 voxels (by hand), and the Dice before
-    refinement in refinement_effect.csv is that argmax's against the label."""
+    in float32: outside the ROI the output keeps those probabilities (1e-6: float32 rounding of the softmax) and
+    their argmax, the ROI is the bounding box of their class-1 argmax enlarged by `margin` voxels (by hand), and the Dice before refinement in refinement_effect.csv is that argmax's against the label.
+    Preconditions (checked): nothing cropped or resampled, so the network's grid is the image's. Returns the number
+    of voxels outside the ROI."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    root, env, member = tiny_kits
-    run(["nnunet-kaz", "refine", "apply", "-m", f"{member}:0", "-i", str(root / "images"), "--refiner",
-         str(big_refiner), "-o", str(tmp_path / "rf"), "--gt", str(root / "labels"), "-device", "cpu"], env)
-    predictor, net, data, _ = _member_and_case(root, member)
+    from nnunet_kaz.inference import load_member
+
+    predictor, net = load_member(f"{member}:0", "cpu")
+    data, props = predictor.preprocess([str(image)])
+    shape = tuple(data.shape[1:])
+    assert tuple(props["shape_before_cropping"]) == tuple(props["shape_after_cropping_and_before_resampling"]) \
+        == shape and list(predictor.plans_manager.transpose_forward) == [0, 1, 2]
     ref = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
                           device=torch.device("cpu"), verbose=False, allow_tqdm=False)
     ref.manual_initialization(net, predictor.plans_manager, predictor.configuration_manager, None,
-                              predictor.dataset_json, MHEX_3D, None)
+                              predictor.dataset_json, trainer, None)
     p = torch.softmax(ref.predict_sliding_window_return_logits(data).float(), 0).numpy()
     fg = p.argmax(0) == 1
     assert fg.any()
-    box = tuple(slice(max(0, int(i.min()) - 5), min(n, int(i.max()) + 6)) for i, n in zip(np.nonzero(fg), BIG))
-    with np.load(tmp_path / "rf" / "BIG.npz") as f:
-        probs, roi = f["probabilities"], f["roi"]
-    assert [tuple(r) for r in roi] == [(b.start, b.stop) for b in box]
-    outside = np.ones(BIG, bool)
+    box = tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + 1 + margin))
+                for i, n in zip(np.nonzero(fg), shape))
+    with np.load(out / f"{case}.npz") as f:
+        probs, roi = f["probabilities"].reshape(p.shape), f["roi"]
+    assert [tuple(r) for r in roi.reshape(-1, 2)][-2:] == [(b.start, b.stop) for b in box][-2:]
+    outside = np.ones(shape, bool)
     outside[box] = False
     np.testing.assert_allclose(probs[:, outside], p[:, outside], atol=1e-6)
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "rf" / "BIG.nii.gz")))
+    ending = predictor.dataset_json["file_ending"]
+    seg, gt = ((sitk.GetArrayFromImage(sitk.ReadImage(str(f))) if ending == ".nii.gz" else np.asarray(Image.open(f)))
+               .reshape(shape) for f in (out / f"{case}{ending}", label))
     np.testing.assert_array_equal(seg[outside], p.argmax(0)[outside])
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labels" / "BIG.nii.gz"))) == 1
-    table = pd.read_csv(tmp_path / "rf" / "refinement_effect.csv")
-    assert list(table.case) == ["BIG", "mean"]
-    row = table.iloc[0]
-    assert row.dice_before == pytest.approx(2 * (fg & label).sum() / (fg.sum() + label.sum()), rel=1e-12)
-    assert row.roi_voxels == int(np.prod([b.stop - b.start for b in box])) >= row.changed_voxels
+    table = pd.read_csv(out / "refinement_effect.csv").set_index("case")
+    gt = gt == 1
+    assert table.loc[case, "dice_before"] == pytest.approx(2 * (fg & gt).sum() / (fg.sum() + gt.sum()), rel=1e-12)
+    assert table.loc[case, "roi_voxels"] == int(np.prod([b.stop - b.start for b in box])) \
+        >= table.loc[case, "changed_voxels"]
+    return int(outside.sum())
+
+
+def test_refine_on_a_3d_volume_larger_than_the_patch_against_nnunets_predictor(tiny_kits, big_refiner, tmp_path):
+    """`refine apply` on a volume larger than the patch (`assert_refined_is_nnunets_prediction_outside_the_roi`)."""
+    root, env, member = tiny_kits
+    run(["nnunet-kaz", "refine", "apply", "-m", f"{member}:0", "-i", str(root / "images"), "--refiner",
+         str(big_refiner), "-o", str(tmp_path / "rf"), "--gt", str(root / "labels"), "-device", "cpu"], env)
+    assert list(pd.read_csv(tmp_path / "rf" / "refinement_effect.csv").case) == ["BIG", "mean"]
+    assert assert_refined_is_nnunets_prediction_outside_the_roi(member, root / "images" / "BIG_0000.nii.gz",
+                                                                root / "labels" / "BIG.nii.gz", tmp_path / "rf",
+                                                                "BIG", MHEX_3D) > 0
 
 
 def test_mhex_on_a_3d_volume_larger_than_the_patch_equals_a_brute_force_tile_loop(tiny_kits, tmp_path):
