@@ -16,8 +16,9 @@ Conventions (nnU-Net's):
 - nnU-Net writes probabilities in the original image geometry (cropping reverted and the axes transposed back,
   `nnunetv2.inference.export_prediction`), so they align voxel for voxel with the segmentation it wrote.
 - Checks: file completeness (truncated .nii.gz that SimpleITK reads as zeros, undecodable PNG) is
-  `nnunet_kaz.input_checks`, called from here before pixels are read; probabilities are checked for NaN / inf
-  over every voxel, for the [0, 1] range and for summing to 1 (`load_probabilities`).
+  `nnunet_kaz.input_checks`, called from here before pixels are read; an input's dimensionality and size against
+  the member that will read it, from the header (`check_member_geometry`); probabilities are checked for NaN /
+  inf over every voxel, for the [0, 1] range and for summing to 1 (`load_probabilities`).
 """
 from __future__ import annotations
 
@@ -180,6 +181,7 @@ def check_image_case(case: str, files: Sequence[str | Path], n_channels: int,
         held = ", ".join(f"{Path(f).name}: {k}" for f, k in zip(files, per_file))
         whose = f"{member.description} takes" if member is not None else "the dataset has"
         fix = ("convert colour images to grayscale or give one file per channel" if max(per_file) > 1 else
+               f"give the file {case}_0000 only" if n_channels == 1 else
                f"give the files {case}_0000 ... {case}_{n_channels - 1:04d}")
         raise KazError(f"case {case} in {Path(files[0]).parent}: its image file(s) hold {sum(per_file)} channel(s) "
                        f"({held}) but {whose} {n_channels} (dataset.json channel_names); {fix}")
