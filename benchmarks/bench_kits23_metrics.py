@@ -4,13 +4,19 @@ Target (issue 16): the same values as neheller/kits23's `compute_metrics_for_lab
 over the whole volume, Dice, DeepMind surface-distance's `compute_surface_distances` +
 `compute_surface_dice_at_tolerance`), at least 5x faster. Ours: `kits23_case_metrics` (one crop to the
 foreground box, neighbour codes from shifted slices, the exact tolerance ball instead of the EDT; see
-nnunet_kaz/evaluation/surface_dice.py). Both sides are single-threaded NumPy/SciPy code; the benchmark pins
-OMP_NUM_THREADS=1 (set before NumPy loads when run through benchmarks/run.py on its own) and checks it.
+nnunet_kaz/evaluation/surface_dice.py).
+
+One thread for every route (`pin_one_thread`): the thread variables of OpenMP / BLAS / ITK in the environment
+(inherited by any subprocess), the thread pools NumPy and SciPy have already loaded limited to 1 at run time
+(threadpoolctl), torch's threads and SimpleITK's global default set to 1; all read back and checked, and every
+timed call must use no more CPU time than wall time (a second thread would add CPU time). Every route is timed the
+same number of times (best of REPEATS).
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,11 +24,50 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_metrics import best_time  # noqa: E402  (best of n wall times)
 
 SHAPE = (256, 512, 512)             # (z, y, x)
 SPACING = (1.0, 0.78, 0.78)         # mm, array axis order (KiTS23 cases: 0.5-5 mm slices, ~0.78 mm in-plane)
-REPEATS_OURS, REPEATS_OFFICIAL = 3, 1
+REPEATS = 3                         # every route: best of the same number of runs
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+CPU_SLACK = 1.05                    # CPU time / wall time of a one-thread call: <= 1, plus timer granularity
+
+
+def pin_one_thread() -> tuple[dict[str, int], object]:
+    """One thread everywhere (module docstring), read back: ({what: threads}, the threadpoolctl limiter to
+    restore). Raises if anything reports more than one thread."""
+    import SimpleITK as sitk
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    for name in THREAD_VARIABLES:
+        os.environ[name] = "1"
+    limiter = threadpool_limits(limits=1)
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    counts = {name: int(os.environ[name]) for name in THREAD_VARIABLES}
+    counts.update({f"{p['internal_api']} {Path(p['filepath']).name}": p["num_threads"] for p in threadpool_info()})
+    counts.update({"torch": torch.get_num_threads(),
+                   "SimpleITK": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()})
+    more = {k: v for k, v in counts.items() if v != 1}
+    if more:
+        limiter.restore_original_limits()
+        raise AssertionError(f"not pinned to one thread: {more}")
+    return counts, limiter
+
+
+def best_time(fn, repeats: int = REPEATS):
+    """(best wall time of `repeats` calls, the last result); raises if a call used more CPU time than wall time
+    (CPU_SLACK): it ran in more than one thread."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        cpu, wall = time.process_time(), time.perf_counter()
+        out = fn()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if cpu > CPU_SLACK * wall + 0.01:
+            raise AssertionError(f"{cpu:.2f} s CPU time in {wall:.2f} s wall time: more than one thread ran")
+        best = min(best, wall)
+    return best, out
 
 
 def blob(centre_mm, radii_mm, seed, roughness=0.15):
@@ -75,16 +120,35 @@ def official(pred, gt):
 
 
 def run() -> str:
+    import SimpleITK as sitk
+    import torch
+
+    saved = ({name: os.environ.get(name) for name in THREAD_VARIABLES}, torch.get_num_threads(),
+             sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    counts, limiter = pin_one_thread()
+    try:
+        return _run(counts)
+    finally:
+        limiter.restore_original_limits()
+        for name, value in saved[0].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.set_num_threads(saved[1])
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved[2])
+
+
+def _run(counts: dict[str, int]) -> str:
     from nnunet_kaz.evaluation.kits23_metrics import kits23_case_metrics
 
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
     gt = label_map(0)
     pred = label_map(0, shift_mm=(1.0, -0.8, 0.8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # surface-distance uses scipy's deprecated ndimage.filters names
-        t_off, ref = best_time(lambda: official(pred, gt), REPEATS_OFFICIAL)
-    t_ours, ours = best_time(lambda: kits23_case_metrics(pred, gt, SPACING), REPEATS_OURS)
-    t_edt, via_edt = best_time(lambda: kits23_case_metrics(pred, gt, SPACING, method="edt"), 1)
+        t_off, ref = best_time(lambda: official(pred, gt))
+    t_ours, ours = best_time(lambda: kits23_case_metrics(pred, gt, SPACING))
+    t_edt, via_edt = best_time(lambda: kits23_case_metrics(pred, gt, SPACING, method="edt"))
     diff = max(abs(a[k] - b[k]) for a, b in zip(ours + via_edt, ref + ref) for k in ("dice", "surface_dice"))
     if diff > 1e-6:
         raise AssertionError(f"ours {ours} differs from the official {ref} by {diff:.2e}")
@@ -94,9 +158,10 @@ def run() -> str:
              "(bench_kits23_metrics)", "",
              f"Label maps {SHAPE} (z, y, x), spacing {SPACING} mm: two kidneys, a tumour, a cyst; the "
              "prediction is the same draw shifted by (1.0, -0.8, 0.8) mm. Official = neheller/kits23's per-region "
-             "masks, Dice and DeepMind surface-distance 0.1 (`compute_surface_distances` + `compute_surface_dice_at_tolerance`), best of "
-             f"{REPEATS_OFFICIAL}; ours = `kits23_case_metrics`, best of {REPEATS_OURS}. OMP_NUM_THREADS={threads} "
-             "(both sides single-threaded NumPy/SciPy).", "",
+             "masks, Dice and DeepMind surface-distance 0.1 (`compute_surface_distances` + "
+             f"`compute_surface_dice_at_tolerance`); ours = `kits23_case_metrics`; every route best of {REPEATS}. "
+             "One thread, set and read back: " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
+             f"; no timed call used more CPU time than wall time (x {CPU_SLACK}).", "",
              "| region | GT / pred voxels | Dice | Surface Dice | official - ours |",
              "|---|---|---|---|---|"]
     for o, r in zip(ours, ref):

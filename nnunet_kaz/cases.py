@@ -16,8 +16,9 @@ Conventions (nnU-Net's):
 - nnU-Net writes probabilities in the original image geometry (cropping reverted and the axes transposed back,
   `nnunetv2.inference.export_prediction`), so they align voxel for voxel with the segmentation it wrote.
 - Checks: file completeness (truncated .nii.gz that SimpleITK reads as zeros, undecodable PNG) is
-  `nnunet_kaz.input_checks`, called from here before pixels are read; probabilities are checked for NaN / inf
-  over every voxel, for the [0, 1] range and for summing to 1 (`load_probabilities`).
+  `nnunet_kaz.input_checks`, called from here before pixels are read; an input's dimensionality and size against
+  the member that will read it, from the header (`check_member_geometry`); probabilities are checked for NaN /
+  inf over every voxel, for the [0, 1] range and for summing to 1 (`load_probabilities`).
 """
 from __future__ import annotations
 
@@ -169,17 +170,97 @@ def image_channels(path: Path) -> int:
 
 
 def check_image_case(case: str, files: Sequence[str | Path], n_channels: int,
-                     label: str | Path | None = None) -> None:
+                     label: str | Path | None = None, member: "MemberInput | None" = None) -> None:
     """One input case before anything is written: every file complete and readable, all of one size (with the
     label, if given), and as many channels in all as the dataset declares (an RGB PNG for a one-channel dataset
-    is refused here, not deep inside nnU-Net's normalisation)."""
+    is refused here, not deep inside nnU-Net's normalisation). With `member`, the message names it, and each
+    file's dimensionality and size must fit it (`check_member_geometry`)."""
     check_case_files([*files, *([label] if label is not None else [])])
     per_file = [image_channels(Path(f)) for f in files]
     if sum(per_file) != n_channels:
         held = ", ".join(f"{Path(f).name}: {k}" for f, k in zip(files, per_file))
-        raise KazError(f"case {case}: its image file(s) hold {sum(per_file)} channel(s) ({held}) but the dataset "
-                       f"has {n_channels} (dataset.json channel_names); convert colour images to grayscale or "
-                       "give one file per channel")
+        whose = f"{member.description} takes" if member is not None else "the dataset has"
+        fix = ("convert colour images to grayscale or give one file per channel" if max(per_file) > 1 else
+               f"give the file {case}_0000 only" if n_channels == 1 else
+               f"give the files {case}_0000 ... {case}_{n_channels - 1:04d}")
+        raise KazError(f"case {case} in {Path(files[0]).parent}: its image file(s) hold {sum(per_file)} channel(s) "
+                       f"({held}) but {whose} {n_channels} (dataset.json channel_names); {fix}")
+    if member is not None:
+        for f in files:
+            check_member_geometry(Path(f), member)
+
+
+@dataclass(frozen=True)
+class MemberInput:
+    """What a member's network takes, from its plans, for `check_member_geometry`: `name` (how messages name
+    it), the configuration's patch size and spacing (nnU-Net's transposed axis order) and `transpose_forward`."""
+
+    name: str
+    patch_size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    transpose_forward: tuple[int, ...]
+
+    @classmethod
+    def from_plans(cls, name: str, plans_manager, configuration_manager) -> "MemberInput":
+        return cls(name, tuple(int(p) for p in configuration_manager.patch_size),
+                   tuple(float(s) for s in configuration_manager.spacing),
+                   tuple(int(a) for a in plans_manager.transpose_forward))
+
+    @property
+    def description(self) -> str:
+        return (f"member {self.name} (a {len(self.patch_size)}D configuration, patch "
+                f"{' x '.join(map(str, self.patch_size))})")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return " x ".join(map(str, shape))
+
+
+def check_member_geometry(path: Path, member: MemberInput) -> None:
+    """Refuse, from the file's header alone, an image whose dimensionality does not fit the member, with one
+    KazError naming the file and the member, before anything is read or written. nnU-Net's readers see a 2D file
+    (natural image or 2D NIfTI) as a volume of one slice, a 3D file as the volume (z, y, x), and a 4D file as its
+    4th axis' volumes stacked as channels (SimpleITKIO). Refused:
+    - a 4D file with more than one volume (this package takes one file per channel, `CASE_XXXX`);
+    - for a 3D configuration: a 2D image, or a volume that is (or, resampled to the configuration's spacing as
+      nnU-Net resamples, becomes) one voxel thick along an axis where the patch is thicker: the 3D network would
+      see one slice and zero padding (nnU-Net then fails on a zero-size array, or pads it silently);
+    - for any configuration: an axis that resamples to no voxel at all (nnU-Net's `compute_new_shape`:
+      round(size x spacing / target spacing) = 0, where nnU-Net fails with a zero-size array).
+    A 2D configuration takes 2D images and volumes (slice by slice, as nnU-Net's 2D configurations do). Sizes
+    are given in array order (z, y, x), spacings in the same order."""
+    header = read_header(path)
+    shape, spacing = tuple(header.shape), tuple(header.spacing)
+    if len(shape) == 4 and shape[0] == 1:
+        shape, spacing = shape[1:], spacing[1:]
+    three_d = len(member.patch_size) == 3
+    takes = "3D volumes" if three_d else "2D images or 3D volumes (slice by slice)"
+    if len(shape) == 4:
+        raise KazError(f"{path} is a 4D image ({shape[0]} volumes of {_shape_text(shape[1:])}): "
+                       f"{member.description} takes {takes}, one file per channel (CASE_0000, CASE_0001, ...)")
+    if len(shape) not in (2, 3):
+        raise KazError(f"{path} has {len(shape)} dimension(s) (shape {_shape_text(shape)}): {member.description} "
+                       f"takes {takes}")
+    if three_d and len(shape) == 2:
+        raise KazError(f"{path} is a 2D image (shape {_shape_text(shape)}): {member.description} takes 3D volumes")
+    if len(shape) == 2:  # nnU-Net's readers: one slice, its spacing 999 x the largest in-plane spacing
+        shape, spacing = (1, *shape), (999.0 * max(spacing), *spacing)
+    order = member.transpose_forward
+    shape_t, spacing_t = [shape[i] for i in order], [spacing[i] for i in order]
+    target = list(member.spacing) if len(member.spacing) == 3 else [spacing_t[0], *member.spacing]
+    resampled = [int(round(sp / t * n)) for sp, t, n in zip(spacing_t, target, shape_t)]  # compute_new_shape
+    where = f"{path} (shape {_shape_text(shape)}, spacing {' x '.join(f'{v:g}' for v in spacing)})"
+    # voxels each axis needs: more than one where a 3D patch is thicker than one voxel, else one
+    need = [2 if three_d and p > 1 else 1 for p in (member.patch_size if three_d else (1, *member.patch_size))]
+    for k in range(3):
+        if shape_t[k] < need[k]:
+            raise KazError(f"{where} is one voxel thick along axis {order[k]}: {member.description} takes 3D volumes "
+                           "of more than one slice along every axis")
+    for k in range(3):
+        if resampled[k] < need[k]:
+            raise KazError(f"{where} has {resampled[k]} voxel(s) along axis {order[k]} once resampled, as nnU-Net "
+                           f"resamples it, to the spacing {' x '.join(f'{v:g}' for v in target)} of "
+                           f"{member.description}; it needs {need[k]} at least")
 
 
 # --- headers and pixels ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ undeclared labels in `evaluate`, and `stitch_tiles` against nnU-Net's own slicer
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,8 +13,9 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
-from nnunet_kaz.cases import (check_image_case, find_dataset_json, list_image_cases, load_probabilities,
-                              match_probabilities, read_segmentation, resolve_images)
+from nnunet_kaz.cases import (MemberInput, check_image_case, check_member_geometry, find_dataset_json,
+                              list_image_cases, load_probabilities, match_probabilities, read_segmentation,
+                              resolve_images)
 from nnunet_kaz.cli import main
 from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.tiling import sliding_window_slicers, stitch_tiles
@@ -33,7 +35,7 @@ def test_rgb_png_for_a_one_channel_dataset_is_refused_naming_the_case(tmp_path):
     cases = list_image_cases(tmp_path, ONE_CHANNEL)
     assert sorted(cases) == ["A", "B"]
     check_image_case("A", cases["A"], 1)
-    with pytest.raises(KazError, match=r"case B: .*3 channel\(s\).*B_0000.png: 3.* dataset has 1"):
+    with pytest.raises(KazError, match=r"case B in .*: .*3 channel\(s\).*B_0000.png: 3.* dataset has 1"):
         check_image_case("B", cases["B"], 1)
     check_image_case("B", cases["B"], 3)  # an RGB dataset (nnU-Net's NaturalImage2DIO: one file, 3 channels)
 
@@ -46,6 +48,55 @@ def test_missing_channel_files_are_all_listed(tmp_path):
         list_image_cases(tmp_path, two)
     with pytest.raises(KazError, match="A_0001.nii.gz not found"):
         resolve_images([tmp_path / "A_0000.nii.gz"], two)
+
+
+@pytest.mark.parametrize("member", [
+    MemberInput("3d", (16, 32, 32), (2.5, 0.8, 0.8), (0, 1, 2)),
+    MemberInput("3d transposed", (32, 16, 32), (0.8, 2.5, 0.8), (1, 0, 2)),
+    MemberInput("2d", (32, 32), (0.8, 0.8), (0, 1, 2)),
+    MemberInput("2d transposed", (32, 32), (0.8, 0.5), (2, 1, 0))])
+def test_member_geometry_against_nnunets_reader_and_new_shape(member, tmp_path):
+    """`check_member_geometry` decides from the header what nnU-Net would make of the file: the reference reads the
+    pixels with nnU-Net's SimpleITKIO, transposes and computes the resampled shape with nnU-Net's
+    `compute_new_shape` (a 2D configuration keeps the first axis' spacing, as its preprocessor does). A file is
+    taken iff the resampled volume has a voxel along every axis, and, for a 3D member, at least two along every
+    axis (file and resampled) where the patch has more than one and the file is not 2D."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    files = {"vol": ((21, 45, 38), (2.5, 0.8, 0.8)), "thin": ((2, 45, 38), (0.5, 0.8, 0.8)),
+             "three_at_1mm": ((3, 45, 38), (1.0, 0.8, 0.8)), "two_at_2.5": ((2, 45, 38), (2.5, 0.8, 0.8)),
+             "one_slice": ((1, 45, 38), (2.5, 0.8, 0.8)), "image_2d": ((45, 38), (0.8, 0.8)),
+             "narrow_x": ((21, 45, 1), (2.5, 0.8, 0.1)), "one_row": ((21, 1, 38), (2.5, 0.8, 0.8))}
+    three_d = len(member.patch_size) == 3
+    decided = {}
+    for name, (shape, spacing) in files.items():
+        path = tmp_path / f"{name}.nii.gz"
+        img = sitk.GetImageFromArray(np.ones(shape, np.float32))
+        img.SetSpacing(tuple(reversed(spacing)))
+        sitk.WriteImage(img, str(path))
+        data, props = SimpleITKIO().read_images([str(path)])
+        order = member.transpose_forward
+        old = [data.shape[1:][i] for i in order]
+        old_spacing = [props["spacing"][i] for i in order]
+        target = list(member.spacing) if three_d else [old_spacing[0], *member.spacing]
+        new = compute_new_shape(old, old_spacing, target)
+        need = [2 if three_d and p > 1 else 1 for p in (member.patch_size if three_d else (1, *member.patch_size))]
+        taken = (not (three_d and len(shape) == 2) and all(n >= k for n, k in zip(new, need))
+                 and all(o >= k for o, k in zip(old, need)))
+        if taken:
+            check_member_geometry(path, member)
+        else:
+            with pytest.raises(KazError, match=rf"^{re.escape(str(path))}.*member {re.escape(member.name)} \(a "):
+                check_member_geometry(path, member)
+        decided[name] = taken
+    # by hand: a 3D member takes two 2.5 mm slices, not three 1 mm ones (1.2 -> 1 slice); a 2D member takes any
+    # number of slices and 2D images, but no axis that resamples to nothing (0.1 mm -> 0.8 mm: 0.125 -> 0)
+    expected = {"vol", "two_at_2.5"} if three_d else {"vol", "thin", "three_at_1mm", "two_at_2.5", "one_slice",
+                                                     "image_2d", "one_row"}
+    if member.name == "2d transposed":  # x, the axis of 1 voxel at 0.1 mm, keeps its spacing; 45 rows at 0.8 ->
+        expected = set(files)           # 0.5 mm: more, never fewer
+    assert {n for n, t in decided.items() if t} == expected
 
 
 def test_one_axis_convention_for_png_and_single_slice_nifti(tmp_path):

@@ -161,7 +161,9 @@ def test_region_scores_are_matched_with_the_region_dice(kits, tmp_path, capsys):
     assert "cyst" in capsys.readouterr().err and not (tmp_path / "e2").exists()
     assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--scores", str(tmp_path / "scores.csv"),
                      "--no-kits23", "-o", str(tmp_path / "e3"), "-q"]) == 2
-    assert "--no-kits23" in capsys.readouterr().err or not (tmp_path / "e3").exists()
+    err = capsys.readouterr().err  # region scores need the KiTS23 evaluation that --no-kits23 turned off
+    assert "leave the KiTS23 evaluation on (--kits23)" in err and str(tmp_path / "scores.csv") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e3").exists()
 
 
 def test_bad_inputs_name_the_files_and_write_nothing(kits, tmp_path, capsys):

@@ -6,11 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
+from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
 
-pytest.importorskip("surface_distance")
-from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances  # noqa: E402
-
-from nnunet_kaz.evaluation.kits23_metrics import (KITS23_REGIONS, KITS23_TOLERANCES_MM,  # noqa: E402
+from nnunet_kaz.evaluation.kits23_metrics import (KITS23_REGIONS, KITS23_TOLERANCES_MM,
                                                   is_kits23_labels, kits23_case_metrics, kits23_summary)
 
 

@@ -302,13 +302,52 @@ def test_feature_map_size_counts_every_output():
 
 
 def test_matches_plainconvunet_interface():
-    """Same plans kwargs build both networks, and both expose decoder.deep_supervision and initialize."""
+    """Same plans kwargs build both networks with the same outputs; deep supervision switched off as nnU-Net's
+    trainer does it (`decoder.deep_supervision = False`) gives one full-resolution tensor on both."""
     kw = net_kwargs(2, STRIDES_2D, deep_supervision=True)
-    ours, theirs = XBoundNet(**kw), PlainConvUNet(**kw)
+    ours, theirs = XBoundNet(**kw).eval(), PlainConvUNet(**kw).eval()
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
-        assert [o.shape for o in ours.eval()(x)] == [o.shape for o in theirs.eval()(x)]
-    assert callable(XBoundNet.initialize) and hasattr(ours.decoder, "deep_supervision")
+        assert [o.shape for o in ours(x)] == [o.shape for o in theirs(x)]
+        for net in (ours, theirs):
+            net.decoder.deep_supervision = False
+        single = [net(x) for net in (ours, theirs)]
+    assert all(isinstance(o, torch.Tensor) and o.shape == (1, 3, 32, 32) for o in single)
+
+
+@pytest.mark.parametrize("dim,strides", [(2, STRIDES_2D), (3, STRIDES_3D)])
+def test_initialize_is_nnunets_he_init_on_every_convolution(dim, strides):
+    """`XBoundNet.initialize` (what nnU-Net's get_network_from_plans applies) against two references:
+    - nnU-Net's own initializer, InitWeights_He(1e-2), applied to a copy from the same seed: the same weights;
+    - He et al.'s formula on every convolution and transposed convolution: weights N(0, gain^2 / fan_in), gain^2 =
+      2 / (1 + 0.01^2), fan_in = weight.shape[1] * kernel voxels (torch's fan-in convention, also for transposed
+      convolutions), biases 0. Per module the sample std of w / sqrt(gain^2 / fan_in) over its n weights is 1 within
+      6 standard errors (the std of a sample std of n normal values is 1 / sqrt(2 n)); torch's default init (std
+      1 / sqrt(3 fan_in), 0.41 of He's, and non-zero biases) fails this for every module with 50 weights or more."""
+    from copy import deepcopy
+
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    torch.manual_seed(0)
+    net = XBoundNet(**net_kwargs(dim, strides, deep_supervision=True))
+    copy, before = deepcopy(net), deepcopy(net.state_dict())
+    torch.manual_seed(1)
+    net.apply(XBoundNet.initialize)
+    torch.manual_seed(1)
+    copy.apply(InitWeights_He(1e-2))
+    after = net.state_dict()
+    for key, value in copy.state_dict().items():
+        assert torch.equal(after[key], value), key
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it drew new weights
+    convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert len(convs) > 20
+    gain2 = 2 / (1 + 0.01 ** 2)
+    for name, m in convs:
+        w = m.weight.detach().double()
+        fan_in = w.shape[1] * int(np.prod(w.shape[2:]))
+        z = w / np.sqrt(gain2 / fan_in)
+        assert abs(z.std().item() - 1) < 6 / np.sqrt(2 * w.numel()), (name, z.std().item())
+        assert m.bias is None or torch.count_nonzero(m.bias) == 0, name
 
 
 def test_aspp_sums_branches():

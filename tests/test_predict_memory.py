@@ -200,31 +200,48 @@ def test_by_slabs_equals_the_function_on_the_whole_array():
         np.testing.assert_array_equal(got, binary_entropy(p[1]))
 
 
-def test_forced_cpu_fallback_and_bounded_mc_batch_give_identical_outputs(kits_member, tmp_path):
-    """A memory budget of 1 byte forces the GPU's fallback path on the CPU: accumulators and stitching in CPU
-    memory, the requested MC batch of 3 bounded to 1; the outputs equal those of an unbounded run asked for
-    batches of 1 (the same samples), bit for bit. With room for exactly two samples the batch is 2."""
+def _batches_run(predictor) -> list[int]:
+    """The batch of every forward call the predictor's networks will make (a forward pre-hook)."""
+    calls = []
+    for net in {id(m.network): m.network for m in predictor.models}.values():
+        net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_a_memory_budget_sets_the_batch_the_network_runs(kits_member, tmp_path):
+    """`device_memory` forces on the CPU what a GPU meets, and the network's forward calls show what ran (2 models
+    x 3 samples, batches of up to 3 asked for). The budgets are the case's `device_bytes` for batches of 3 and 2,
+    and one byte less than one sample needs (`device_bytes` is checked against what torch really allocates in
+    test_gpu_paths.test_device_bytes_are_what_torch_allocates): batches of 3; of 2 then 1; and, the case not
+    fitting, accumulators in CPU memory at batch 1, whose outputs equal those of an unbounded run asked for batches
+    of 1 (the same samples) bit for bit. (On the CPU both placements are CPU memory: test_gpu_paths'
+    test_no_pinned_memory_when_the_accumulators_go_to_cpu_memory drives the placement with a CUDA device faked.)"""
+    from nnunet_kaz.inference.predictor import device_bytes
+
     folder, images = kits_member
     image = first_image(images)
     free = predictor_of(folder, mc_batch=1)
-    forced = predictor_of(folder, mc_batch=3, device_memory=1)
+    data, _ = free.preprocess([image])
+    voxels, classes = int(np.prod(data.shape[1:])), free.label_manager.num_segmentation_heads
+    window = free.window_voxels(data.shape[1:])
+
+    def budget(batch: int) -> int:
+        return device_bytes(classes, voxels, window, 6, batch, int(data.shape[0]), free.regions)
+
+    for room, expected in ((budget(3), 3), (budget(2), 2), (budget(1) - 1, 1)):
+        predictor = predictor_of(folder, mc_batch=3, device_memory=room)
+        calls = _batches_run(predictor)
+        predictor.sample_case(data, "VOL")
+        assert predictor.case_mc_batch == expected and max(calls) == expected
+        assert set(calls) == ({3} if expected == 3 else {2, 1} if expected == 2 else {1})
     for d in ("free", "forced"):
         (tmp_path / d).mkdir()
     a = free.predict_case([image], tmp_path / "free" / "VOL")  # same case name: same dropout streams
-    assert (free.case_mc_batch, free.case_device.type) == (1, "cpu")
-    b = forced.predict_case([image], tmp_path / "forced" / "VOL")
-    assert (forced.case_mc_batch, forced.case_device.type) == (1, "cpu")
+    b = predictor.predict_case([image], tmp_path / "forced" / "VOL")
     for key in ("probabilities", "entropy", "mutual_information", "variance", "segmentation"):
         np.testing.assert_array_equal(b[key], a[key], err_msg=key)
     for x, y in zip(a["scores"], b["scores"]):
         assert x == pytest.approx(y, nan_ok=True)
-    data, _ = forced.preprocess([image])
-    voxels, classes = int(np.prod(data.shape[1:])), free.label_manager.num_segmentation_heads
-    window = forced.window_voxels(data.shape[1:])  # the patch's depth across the image
-    # image and accumulators per voxel; 2 samples' float16 logits and the weights per window voxel
-    two = voxels * (4 + 12 * classes) + window * (2 * 2 * classes + 2)
-    assert case_placement(classes, voxels, 6, 3, two, window_voxels=window) == (True, 2)
-    assert case_placement(classes, voxels, 6, 3, two - 1, window_voxels=window) == (True, 1)
 
 
 def test_out_of_memory_above_mc_batch_1_redoes_the_case_at_batch_1_with_one_warning(kits_member, tmp_path):
@@ -249,7 +266,7 @@ def test_out_of_memory_above_mc_batch_1_redoes_the_case_at_batch_1_with_one_warn
         retried.predict_folder(images, tmp_path / "retried")
     oom = [w for w in caught if "out of memory" in str(w.message)]
     assert len(oom) == 1 and "VOL" in str(oom[0].message)
-    assert calls[0] == 3 and set(calls[1:]) == {1} and (retried.case_mc_batch, retried.case_device.type) == (1, "cpu")
+    assert calls[0] == 3 and set(calls[1:]) == {1} and retried.case_mc_batch == 1
     for name in ("VOL.npz", "VOL_uncertainty.npz"):
         with np.load(tmp_path / "normal" / name) as x, np.load(tmp_path / "retried" / name) as y:
             for key in x.files:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances, lookup_tables
 
-surface_distance = pytest.importorskip("surface_distance")
-from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances  # noqa: E402
-from surface_distance import lookup_tables  # noqa: E402
-
-from nnunet_kaz.evaluation.surface_dice import (_within_by_ball, _within_by_edt, ball_offsets,  # noqa: E402
+from nnunet_kaz.evaluation.surface_dice import (_within_by_ball, _within_by_edt, ball_offsets,
                                                 contour_length_table, neighbour_codes,
                                                 normalized_surface_dice, surface_dice)
-from nnunet_kaz.evaluation._surfel_normals import surfel_area_table  # noqa: E402
+from nnunet_kaz.evaluation._surfel_normals import surfel_area_table
 
 
 def blobs(rng, shape, level=0.5, sigma=1.5):

@@ -194,6 +194,16 @@ def _exact_mean_pairwise_dice(masks):
     return float(np.mean(dices))
 
 
+def _brute_pooled_pairwise_dice(masks):
+    """The pooled variant's definition, pair by pair: 2 sum_{i<j} |S_i & S_j| / sum_{i<j} (|S_i| + |S_j|)
+    (all empty: 1)."""
+    inter = denom = 0
+    for a, b in itertools.combinations(masks, 2):
+        inter += int((a & b).sum())
+        denom += int(a.sum()) + int(b.sum())
+    return 2 * inter / denom if denom else 1.0
+
+
 def _binary_samples(masks):
     fg = np.asarray(masks, dtype=np.float32) * 0.9 + 0.05
     return np.stack([1 - fg, fg], 1)
@@ -238,6 +248,7 @@ def test_streamed_pairwise_dice_equals_pair_by_pair_on_random_masks(shape):
     brute = np.array([[(a & b).sum() for b in masks] for a in masks])
     np.testing.assert_array_equal(inter, brute)
     assert mean_pairwise_dice(brute, brute.diagonal()) == pytest.approx(expected)
+    assert one.result().pooled_pairwise_dice(1) == pytest.approx(_brute_pooled_pairwise_dice(masks), rel=1e-12)
 
 
 def _disagreement_words(masks) -> int:
@@ -359,9 +370,8 @@ def test_class_scores_columns():
     row = class_scores(r, 1, r.mean[1], -r.mean_plogp[1])
     assert set(row) | {"case", "label", "n_members", "n_samples"} == set(SCORE_COLUMNS)
     assert row["pairwise_dice"] == pytest.approx(_exact_mean_pairwise_dice(masks))
-    inter = np.array([[(a & b).sum() for b in masks] for a in masks])
-    assert row["pairwise_dice_pooled"] == pytest.approx(pooled_pairwise_dice(inter, inter.diagonal()))
-    assert row["pairwise_dice"] != pytest.approx(row["pairwise_dice_pooled"])
+    assert row["pairwise_dice_pooled"] == pytest.approx(_brute_pooled_pairwise_dice(masks), rel=1e-12)
+    assert row["pairwise_dice"] != pytest.approx(row["pairwise_dice_pooled"])  # unequal volumes: they differ
     assert row["relunet_score"] == pytest.approx(relunet_score(r.mean[1], binary_entropy(r.mean[1])))
 
 

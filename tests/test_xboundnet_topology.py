@@ -155,6 +155,63 @@ def test_planned_bridge_sees_context_with_every_dilated_branch(planned, dataset,
         assert branch_sees_context(net, x, b), (dataset, b)
 
 
+# The authors' network for a 256 x 256 input (AUTHORS_CODE.md, oarbelw/XBoundNetPlusPlus), block by block in
+# forward order with the edge of its output; nnU-Net's names for the blocks, nnU-Net's feature counts (README,
+# fidelity table: the bottleneck is a strided residual SE block before the ASPP instead of a MaxPool).
+AUTHORS_256 = [("encoder.stages.0", 256),   # stem (two 3x3 conv-norm-act) + residual SE level: the 256 skip
+               ("encoder.stages.1", 128),   # residual SE level: the 128 skip; dropout after it
+               ("encoder.stages.2", 64),    # residual SE level: the 64 skip; dropout after it
+               ("encoder.stages.3", 32),    # down to the bottleneck at 256 / 8
+               ("bridge", 32),              # ASPP: four 3x3 convolutions, dilations 1, 6, 12, 18, summed; dropout
+               ("decoder.gates.0", 64), ("decoder.stages.0", 64),    # gate on the 64 skip, residual SE; dropout
+               ("decoder.gates.1", 128), ("decoder.stages.1", 128),  # gate on the 128 skip, residual SE; dropout
+               ("decoder.gates.2", 256), ("decoder.stages.2", 256),  # gate on the 256 skip, residual SE; no dropout
+               ("decoder.seg_layers.2", 256)]                        # 1x1 convolution head
+AUTHORS_DROPOUT_EDGES = [128, 64, 32, 64, 128]  # after encoder levels 128, 64, the ASPP, decoder levels 64, 128
+
+
+def test_planned_kaz256_network_is_the_authors_topology(planned):
+    """The network XBoundNetTrainer builds from `nnunet-kaz plan`'s plans for a 256 x 256 KAZ phantom against
+    AUTHORS_256 (hand-listed from the authors' code): the blocks in forward order and the edge of each block's
+    output on a 256 x 256 input (forward hooks), where the dropout modules sit, the stem's two 3x3 convolutions,
+    every residual SE block's two 3x3 convolutions, SE bottleneck C / 16 and 1x1 shortcut, the ASPP's four 3x3
+    branches with dilations 1, 6, 12, 18, each attention gate's 1x1 convolutions to its skip's channels and to one
+    channel, and a 1x1 head."""
+    from nnunet_kaz.networks.blocks import ResidualBlock
+
+    pm = PlansManager(load_plans(planned, KAZ256, "nnUNetXBoundNetPlans"))
+    cm = pm.get_configuration("2d")
+    net = XBoundNetTrainer.build_network_architecture(pm, cm, 1, 2, False).eval()
+    assert list(net.named_blocks()) == [name for name, _ in AUTHORS_256]
+    edges, dropped = {}, []
+    hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: edges.__setitem__(n, o.shape[2:]))
+             for n, _ in AUTHORS_256]
+    hooks += [m.register_forward_hook(lambda m, i, o: dropped.append(o.shape[2])) for m in net.modules()
+              if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    with torch.no_grad():
+        net(torch.randn(1, 1, 256, 256))
+    for h in hooks:
+        h.remove()
+    assert [(n, tuple(edges[n])) for n, _ in AUTHORS_256] == [(n, (e, e)) for n, e in AUTHORS_256]
+    assert dropped == AUTHORS_DROPOUT_EDGES
+    stem = net.encoder.stages[0].stem
+    assert len(stem) == 2 and all(c.conv.kernel_size == (3, 3) and c.conv.stride == (1, 1) for c in stem)
+    blocks = [m for m in net.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 4 + 3  # encoder levels 256, 128, 64, 32; decoder levels 64, 128, 256
+    for b in blocks:
+        channels = b.conv2.conv.out_channels
+        assert b.conv1.conv.kernel_size == b.conv2.conv.kernel_size == (3, 3)
+        assert b.se.fc1.out_channels == channels // 16 and b.se.fc2.out_channels == channels
+        assert b.shortcut.kernel_size == (1, 1)
+    assert [(c.kernel_size, c.dilation) for c in net.bridge.branches] == [((3, 3), (d, d)) for d in (1, 6, 12, 18)]
+    skips = [net.encoder.stages[s].level.conv2.conv.out_channels if s == 0 else
+             net.encoder.stages[s].conv2.conv.out_channels for s in (2, 1, 0)]
+    for gate, c in zip(net.decoder.gates, skips):
+        assert gate.w_x[0].out_channels == gate.w_g[0].out_channels == c and gate.psi.out_channels == 1
+        assert {conv.kernel_size for conv in (gate.w_x[0], gate.w_g[0], gate.psi)} == {(1, 1)}
+    assert net.decoder.seg_layers[2].kernel_size == (1, 1)
+
+
 @pytest.mark.parametrize("dataset,configuration", [(KAZ256, "2d"), (KITS, "3d_fullres")])
 def test_stock_plans_tiny_bottleneck_capped_or_warned(planned, dataset, configuration):
     plans = load_plans(planned, dataset, "nnUNetPlans")
@@ -211,7 +268,49 @@ def test_planner_refits_patch_and_batch_to_the_vram_target(planned, dataset, con
 # ----------------------------------------------------------------------------------------------- stock commands
 
 
+def assert_nnunet_prediction_is_the_brute_force_one(results: Path, image: Path, prediction: Path) -> None:
+    """`nnUNetv2_predict --save_probabilities` (mirroring on, Gaussian, step 0.5) of `image` against
+    `tests.sliding_reference`: the checkpoint's weights, the image preprocessed by nnU-Net's preprocessor (no crop
+    and no resampling here, checked, so the outputs are the stitched logits' softmax and argmax voxel for voxel),
+    each tile's logits averaged over the checkpoint's mirror flips and stitched by hand in float64 with nnU-Net's
+    float16 Gaussian. nnU-Net stitches in float16: each logit is within `half_stitch_bound` of the reference's
+    (plus 16 float32 roundings of the flips' mean, 2^-24 each, relative), so each probability within half the
+    largest bound of its voxel (a softmax moves by at most p (1 - p) x 2 max|dz| <= max|dz| / 2) plus 1e-6 (its
+    float32 softmax), and a voxel may take another class only where the reference's logits of the two classes
+    differ by less than the sum of their bounds. The bounds leave most voxels decided (checked)."""
+    from nnunet_kaz.inference import load_member
+    from tests.sliding_reference import brute_force_stitch, half_stitch_bound, mirrored_logits
+
+    predictor, net = load_member(f"{results}:0", "cpu")
+    data, props = predictor.preprocess([str(image)])
+    assert tuple(props["shape_before_cropping"]) == tuple(props["shape_after_cropping_and_before_resampling"]) \
+        == tuple(data.shape[1:]) and list(predictor.plans_manager.transpose_forward) == list(range(3))
+    assert net.mirror_axes  # nnUNetv2_predict mirrors along these
+    ref = brute_force_stitch(mirrored_logits(net, net.mirror_axes), [data], net.patch_size, 0.5, torch.float16)
+    z = ref.value
+    bound = half_stitch_bound(ref.peak, ref.weights, ref.tiles) + 16 * 2.0 ** -24 * ref.peak
+    with np.load(prediction.with_suffix("").with_suffix(".npz")) as f:
+        probs = f["probabilities"].reshape(z.shape)
+    e = np.exp(z - z.max(0))
+    assert (np.abs(probs - e / e.sum(0)) <= bound.max(0) / 2 + 1e-6).all()
+    seg = (sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) if prediction.name.endswith(".nii.gz")
+           else np.asarray(Image.open(prediction))).reshape(z.shape[1:]).astype(np.int64)
+    best = z.argmax(0)
+
+    def at(a, index):
+        return np.take_along_axis(a, index[None], 0)[0]
+
+    differ = seg != best
+    assert (at(z, best) - at(z, seg) <= at(bound, best) + at(bound, seg))[differ].all()
+    assert (at(z, best) - np.sort(z, 0)[-2] > 2 * bound.max(0)).mean() > 0.9
+
+
 def test_3d_stock_train_and_predict_with_xboundnet_trainer_on_nnunet_plans(tmp_path):
+    """The stock commands with XBoundNetTrainer on nnU-Net's own 3D plans: the depth warning, and the
+    segmentations of a training case (the patch's size) and of a larger volume no stride divides (8 tiles)
+    against the brute-force reference (`assert_nnunet_prediction_is_the_brute_force_one`)."""
+    from nnunet_kaz.datasets import kits3d_case
+
     env = nnunet_env(tmp_path)
     make_kits3d_dataset(tmp_path / "nnUNet_raw" / KITS_TINY, n_cases=5, seed=1, shape=(16, 32, 32),
                         spacing=(2.5, 0.8, 0.8))
@@ -224,34 +323,58 @@ def test_3d_stock_train_and_predict_with_xboundnet_trainer_on_nnunet_plans(tmp_p
     case = sorted((tmp_path / "nnUNet_raw" / KITS_TINY / "imagesTr").glob("*_0000.nii.gz"))[0]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / case.name).symlink_to(case)
+    image, _ = kits3d_case(7, 0, (21, 45, 38), (2.5, 0.8, 0.8))
+    big = sitk.GetImageFromArray(image)
+    big.SetSpacing((0.8, 0.8, 2.5))
+    sitk.WriteImage(big, str(tmp_path / "in" / "BIG_0000.nii.gz"))
     out = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(out), "-d", str(KITS_TINY_ID), "-c", "3d_fullres",
          "-f", "0", "-tr", "XBoundNetTrainer_debug", "-p", "nnUNetTinyPlans", "-device", "cpu", "-npp", "1",
-         "-nps", "1"], env)
-    pred = sitk.ReadImage(str(out / case.name.replace("_0000.nii.gz", ".nii.gz")))
-    assert pred.GetSize() == sitk.ReadImage(str(case)).GetSize()
-    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+         "-nps", "1", "--save_probabilities"], env)
+    results = tmp_path / "nnUNet_results" / KITS_TINY / "XBoundNetTrainer_debug__nnUNetTinyPlans__3d_fullres"
+    for img in (case, tmp_path / "in" / "BIG_0000.nii.gz"):
+        pred = out / img.name.replace("_0000.nii.gz", ".nii.gz")
+        assert sitk.ReadImage(str(pred)).GetSize() == sitk.ReadImage(str(img)).GetSize()
+        assert_nnunet_prediction_is_the_brute_force_one(results, img, pred)
 
 
-def test_2d_stock_trainer_on_xboundnet_plans_trains_and_predicts(tiny_kaz):
-    env = tiny_kaz.env
-    run(["nnunet-kaz", "plan", "-d", str(KAZ_ID), "-c", "2d", "-np", "1"], dict(env, nnUNet_n_proc_DA="1"))
-    pre = tiny_kaz.root / "nnUNet_preprocessed"
-    plans = json.loads((pre / KAZ / "nnUNetXBoundNetPlans.json").read_text())
+def test_plan_of_32px_images_has_one_downsampling_and_fitted_dilations(tiny_kaz):
+    """`nnunet-kaz plan` on 32x32 images: too small for a 19-voxel bridge after one downsampling; one
+    downsampling is planned all the same, and the dilations are fitted to the 16x16 bridge (18 -> 15)."""
+    run(["nnunet-kaz", "plan", "-d", str(KAZ_ID), "-c", "2d", "-np", "1"], dict(tiny_kaz.env, nnUNet_n_proc_DA="1"))
+    plans = json.loads((tiny_kaz.root / "nnUNet_preprocessed" / KAZ / "nnUNetXBoundNetPlans.json").read_text())
     arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    # 32x32 images: too small for a 19-voxel bridge after one downsampling; one downsampling, dilations fitted
     assert arch["n_stages"] == 2 and arch["aspp_dilations"] == [1, 6, 12, 15]
-    shrink_plans(pre, KAZ, "nnUNetXBoundNetPlans", "nnUNetXBoundNetTinyPlans", 16)
-    run(["nnUNetv2_train", str(KAZ_ID), "2d", "0", "-tr", "nnUNetTrainer_debug", "-p", "nnUNetXBoundNetTinyPlans",
+
+
+def test_2d_stock_trainer_on_xboundnet_plans_trains_and_predicts(planned, tmp_path):
+    """nnU-Net's stock trainer (`nnUNetv2_train -tr nnUNetTrainer_debug`) on `nnunet-kaz plan`'s plans of the
+    256x256 phantom (four stages: nnU-Net's trainer needs three or more, README), and the stock prediction of an
+    image that is not the patch's size (300 x 200, no zero border, so nothing is cropped) against the brute-force
+    reference (`assert_nnunet_prediction_is_the_brute_force_one`). The weights are finite: on a two-stage plan the
+    stock trainer weights its only deep-supervision output 0 / 0 and trains NaN, which a shape check passed."""
+    env = nnunet_env(planned)
+    pre = planned / "nnUNet_preprocessed" / KAZ256
+    shrink_plans(planned / "nnUNet_preprocessed", KAZ256, "nnUNetXBoundNetPlans", "nnUNetXBoundNetTinyPlans", 16)
+    cases = sorted(p.name[:-len("_0000.png")] for p in (planned / "nnUNet_raw" / KAZ256 / "imagesTr").iterdir())
+    (pre / "splits_final.json").write_text(json.dumps([{"train": cases[:-1], "val": cases[-1:]}]))  # 4 cases
+    run(["nnUNetv2_train", str(KAZ256_ID), "2d", "0", "-tr", "nnUNetTrainer_debug", "-p", "nnUNetXBoundNetTinyPlans",
          "-device", "cpu"], env)
-    images = tiny_kaz.raw / "imagesTs"
-    out = tiny_kaz.root / "pred_xbplans"
-    run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(KAZ_ID), "-c", "2d", "-f", "0",
+    results = planned / "nnUNet_results" / KAZ256 / "nnUNetTrainer_debug__nnUNetXBoundNetTinyPlans__2d"
+    weights = torch.load(results / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["network_weights"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    images = tmp_path / "in"
+    images.mkdir()
+    first = planned / "nnUNet_raw" / KAZ256 / "imagesTr" / f"{cases[0]}_0000.png"
+    odd = np.maximum(np.asarray(Image.open(first).resize((200, 300), Image.BILINEAR)), 1).astype(np.uint8)
+    Image.fromarray(odd).save(images / "odd_0000.png")
+    out = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(KAZ256_ID), "-c", "2d", "-f", "0",
          "-tr", "nnUNetTrainer_debug", "-p", "nnUNetXBoundNetTinyPlans", "-device", "cpu", "-npp", "1",
-         "-nps", "1"], env)
-    for img in sorted(images.glob("*_0000.png")):
-        pred = np.asarray(Image.open(out / img.name.replace("_0000.png", ".png")))
-        assert pred.shape == np.asarray(Image.open(img)).shape and set(np.unique(pred)) <= {0, 1}
+         "-nps", "1", "--save_probabilities"], env)
+    assert np.asarray(Image.open(out / "odd.png")).shape == (300, 200)
+    assert_nnunet_prediction_is_the_brute_force_one(results, images / "odd_0000.png", out / "odd.png")
 
 
 def test_patch_smaller_than_total_downsampling_is_one_message(tiny_kaz):

@@ -18,7 +18,6 @@ def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, laye
     from nnunet_kaz.cases import check_image_case, n_input_channels, resolve_images
     from nnunet_kaz.explain.figures import save_gradcam_grid
     from nnunet_kaz.explain.gradcam import explain_case, resolve_layers, save_maps_npz
-    from nnunet_kaz.explain.loading import check_dimensions
     from nnunet_kaz.inference import load_member
     from nnunet_kaz.inference.export import GeometryRestorer, write_map
 
@@ -41,14 +40,14 @@ def explain_images(images: Sequence[Path], member_spec: str, out_dir: Path, laye
             gt_file = Path(gt) / f"{case}{ending}" if Path(gt).is_dir() else Path(gt)
             if not gt_file.is_file():
                 raise KazError(f"ground truth {gt_file} not found for {files[0]}")
-        # a truncated or colour image fails before the output folder is made
-        check_image_case(case, files, n_input_channels(predictor.dataset_json), gt_file)
+        # a truncated or colour image, or one the member's dimensionality does not take, fails before the
+        # output folder is made
+        check_image_case(case, files, n_input_channels(predictor.dataset_json), gt_file, predictor.input_spec)
         jobs.append((files, case, gt_file))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for files, case, gt_file in jobs:
         data, seg, props = _preprocess(predictor, files, gt_file)
-        check_dimensions(predictor, data)
         mask = None if seg is None else (seg[0] == target_class)
         if not three_d:  # 2D network: explain the slice with the most target (or the middle one)
             index = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1))) if mask is not None and mask.any() \

@@ -11,15 +11,7 @@ import numpy as np
 import torch
 
 from nnunet_kaz.cases import resolve_images  # noqa: F401  (re-export)
-from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.predictor import load_member  # noqa: F401  (re-export)
-
-
-def check_dimensions(predictor, data: torch.Tensor) -> None:
-    """A 2D image (one slice) given to a 3D configuration is a KazError (nnU-Net would pad it to a volume)."""
-    if len(predictor.configuration_manager.patch_size) == 3 and data.shape[1] == 1:
-        raise KazError(f"a 3D model ({predictor.members[0].configuration}) was given a 2D image "
-                       f"(preprocessed shape {tuple(data.shape)})")
 
 
 def tiled_maps(fn: Callable[[torch.Tensor], np.ndarray], image: torch.Tensor, patch_size: Sequence[int],

@@ -62,7 +62,7 @@ def mhex_images(inputs: Sequence[Path], member_spec: str, out_dir: Path, ensembl
     PNGs. Every input is checked before anything is written."""
     from nnunet_kaz.explain.figures import save_gradcam_grid
     from nnunet_kaz.cases import check_image_case, n_input_channels, resolve_images
-    from nnunet_kaz.explain.loading import check_dimensions, load_member, tiled_maps
+    from nnunet_kaz.explain.loading import load_member, tiled_maps
     from nnunet_kaz.explain.mhex import ensemble_entropy, uncertainty_agreement
     from nnunet_kaz.explain.gradcam import save_maps_npz
     from nnunet_kaz.inference import UncertaintyPredictor, parse_member
@@ -86,14 +86,13 @@ def mhex_images(inputs: Sequence[Path], member_spec: str, out_dir: Path, ensembl
                                    verbose=False)  # as the members' CAMs: no test-time mirroring
     cases = resolve_images(inputs, predictor.dataset_json)
     for case, files in cases.items():
-        check_image_case(case, files, n_input_channels(predictor.dataset_json))
+        check_image_case(case, files, n_input_channels(predictor.dataset_json), member=predictor.input_spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = predictor.dataset_json["file_ending"]
     patch = predictor.configuration_manager.patch_size
     rows, written = [], []
     for case, files in tqdm(sorted(cases.items()), desc="cases", disable=len(cases) < 2):
         data, props = predictor.preprocess(files)
-        check_dimensions(predictor, data)
         # a 2D patch on (C, Z, Y, X) tiles every slice; any size, smaller or larger than the patch
         maps = tiled_maps(lambda t: mhex_tile_maps(model, t, target_class), data, patch, tile_step_size, model)
         cams, pairs, u, prob = maps[:n_heads], maps[n_heads:2 * n_heads - 1], maps[2 * n_heads - 1], maps[-1]

@@ -87,11 +87,9 @@ def case_maps(predictor, network, block: str, files: list[str], case: str, targe
               roi: str = "all", tile_step_size: float = 0.5) -> CaseMaps:
     """p and Grad-CAM heatmap of one case in the input geometry (module docstring)."""
     from nnunet_kaz.explain.gradcam import explain_case
-    from nnunet_kaz.explain.loading import check_dimensions
     from nnunet_kaz.inference.export import GeometryRestorer
 
     data, props = predictor.preprocess(files)
-    check_dimensions(predictor, data)
     mean = predictor.sample_case(data, case).mean
     predicted = mean.argmax(0) == target_class
     heat = np.zeros(data.shape[1:], np.float32)
@@ -118,7 +116,7 @@ def _read_label(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 def _image_cases(predictor, images_dir: Path, labels_dir: Path | None, what: str
                  ) -> tuple[dict[str, list[str]], dict[str, Path] | None]:
     """Every case of `images_dir` and its label in `labels_dir` (if given), all checked (complete, readable,
-    one size per case, the dataset's channels) before anything is written."""
+    one size per case, the dataset's channels, a dimensionality the member takes) before anything is written."""
     from nnunet_kaz.cases import check_image_case, list_image_cases, list_label_files, n_input_channels
 
     cases = list_image_cases(images_dir, predictor.dataset_json)
@@ -133,7 +131,7 @@ def _image_cases(predictor, images_dir: Path, labels_dir: Path | None, what: str
         labels = {c: found[c] for c in cases}
     for case, files in cases.items():
         check_image_case(case, files, n_input_channels(predictor.dataset_json),
-                         None if labels is None else labels[case])
+                         None if labels is None else labels[case], predictor.input_spec)
     return cases, labels
 
 

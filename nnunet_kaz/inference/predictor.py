@@ -33,7 +33,7 @@ from nnunet_kaz.errors import KazError
 from nnunet_kaz.inference.export import GeometryRestorer, save_npz, write_map, write_segmentation
 from nnunet_kaz.inference.members import Member, load_models, parse_member
 from nnunet_kaz.inference.sliding_window import LogitOverflowError, predict_samples, set_mc_dropout, tta_flips
-from nnunet_kaz.cases import check_image_case, list_image_cases, n_input_channels
+from nnunet_kaz.cases import MemberInput, check_image_case, list_image_cases, n_input_channels
 from nnunet_kaz.io_utils import atomic_path, remove_stale_temporaries, write_json_atomic
 from nnunet_kaz.uncertainty.measures import by_slabs, normalized_entropy, slabs
 from nnunet_kaz.uncertainty.scores import SCORE_COLUMNS, class_scores
@@ -183,6 +183,10 @@ class UncertaintyPredictor:
         self.dataset_json = ref.dataset_json
         self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         self.regions = self.label_manager.has_regions
+        others = f" and {len(self.members) - 1} more" if len(self.members) > 1 else ""
+        # what the inputs must fit (`check_image_case`): the members share spacing and transpose (check_compatible)
+        self.input_spec = MemberInput.from_plans(f"{ref.folder.parent.name}/{ref.folder.name}{others}",
+                                                 self.plans_manager, self.configuration_manager)
         self.calibration, self.postprocessing = calibration, postprocessing
         if calibration is not None and self.regions:
             raise KazError("calibration applies to softmax outputs; these members were trained on regions")
@@ -378,10 +382,11 @@ class UncertaintyPredictor:
         mine = sorted(cases)[part_id::num_parts]
         ending = self.dataset_json["file_ending"]
         todo = [c for c in mine if overwrite or not (output_dir / f"{c}{ending}").exists()]
-        # every input is checked before anything is written (a truncated image fails here, not mid-run)
+        # every input is checked before anything is written (a truncated image, or one whose dimensionality does
+        # not fit the member, fails here, not mid-run)
         n_channels = n_input_channels(self.dataset_json)
         for case in tqdm(todo, desc="checking inputs", disable=not self.verbose or len(todo) < 20):
-            check_image_case(case, cases[case], n_channels)
+            check_image_case(case, cases[case], n_channels, member=self.input_spec)
         output_dir.mkdir(parents=True, exist_ok=True)
         # temporaries of a killed run (SIGKILL skips atomic_path's clean-up): all of them when this process is
         # the folder's only writer, else those of the cases it redoes
