@@ -35,11 +35,17 @@ class Target:
         return np.isin(label_map, self.values) if self.region else label_map == self.values[0]
 
 
+def foreground_labels(labels: dict) -> list[tuple[str, int | list[int]]]:
+    """(name, value or region) of dataset.json `labels` without background, ignore and value 0, in order: the
+    channel order of a region-based prediction."""
+    return [(n, v) for n, v in labels.items() if n not in ("background", "ignore")
+            and not (not isinstance(v, (list, tuple)) and int(v) == 0)]
+
+
 def targets_from_dataset(labels: dict, wanted: Sequence[str]) -> list[Target]:
     """`Target`s for the names or values in `wanted` (dataset.json `labels`); unknown ones in one KazError."""
     region = any(isinstance(v, (list, tuple)) for v in labels.values())
-    foreground = [(n, v) for n, v in labels.items() if n not in ("background", "ignore")
-                  and not (not isinstance(v, (list, tuple)) and int(v) == 0)]
+    foreground = foreground_labels(labels)
     out, unknown = [], []
     for w in wanted:
         hit = None

@@ -222,14 +222,10 @@ def _predict(proto: Protocol, method: Method, fold: int, images: Path, out: Path
     predictor.predict_folder(images, out)
 
 
-def _labels(dataset_json: dict) -> list[str]:
-    return [k for k, v in dataset_json["labels"].items() if k not in ("background", "ignore") and v != 0]
-
-
 def run_fold(proto: Protocol, fold: int, method: Method, progress: bool = True) -> Path:
     """Steps 1-4 of the module docstring for one outer fold and method; returns the test evaluation folder."""
     from nnunet_kaz.conformal import ConformalMasks
-    from nnunet_kaz.conformal.folder_fit import fit_folder
+    from nnunet_kaz.conformal.folder_fit import fit_folder, foreground_labels
     from nnunet_kaz.evaluation.evaluate import EvaluationSettings, evaluate_folder
     from nnunet_kaz.postprocessing import load_calibrator, save_calibrator
     from nnunet_kaz.postprocessing.folder_fit import ValidationSet, fit_on_validation, write_calibrated
@@ -259,7 +255,8 @@ def run_fold(proto: Protocol, fold: int, method: Method, progress: bool = True) 
     if s.alpha is not None:
         conformal_file = work / "conformal.json"
         if not conformal_file.is_file():
-            write_json_atomic(fit_folder(work / "val_calibrated", labels_dir, _labels(proto.dataset_json), s.alpha,
+            names = [name for name, _ in foreground_labels(proto.dataset_json["labels"])]
+            write_json_atomic(fit_folder(work / "val_calibrated", labels_dir, names, s.alpha,
                                          proto.raw / "dataset.json", progress=progress), conformal_file)
         conformal = ConformalMasks.load(conformal_file)
     test = work / "test"
